@@ -6,3 +6,93 @@
 
 pub mod noise;
 pub mod scheduler;
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+pub use scheduler::{PredictionType, SchedulerKind, SchedulerOverrides, TimestepSpacing};
+
+/// Where an engine runs its ONNX Runtime sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// The CUDA execution provider on GPU `index` (as CUDA numbers devices).
+    Cuda { index: u32 },
+}
+
+/// A text-to-image request as the engine sees it (already validated by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// Prompt for the second text encoder; `None` uses `prompt`.
+    pub prompt_2: Option<String>,
+    /// `None` means "no negative prompt" (all-zero embeddings when the model forces zeros).
+    pub negative_prompt: Option<String>,
+    /// `None` uses `negative_prompt`.
+    pub negative_prompt_2: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    /// diffusers' `guidance_rescale` (0 disables it).
+    pub guidance_rescale: f32,
+    pub scheduler: SchedulerKind,
+    pub scheduler_overrides: SchedulerOverrides,
+    /// Image `i` uses seed `seed + i` (see [`noise`]).
+    pub seed: u64,
+    pub num_images: u32,
+    /// SDXL micro-conditioning; `None` means (height, width).
+    pub original_size: Option<(u32, u32)>,
+    /// (top, left).
+    pub crops_coords_top_left: (u32, u32),
+    /// `None` means (height, width).
+    pub target_size: Option<(u32, u32)>,
+    /// Standard-normal initial latents, image-major `[num_images, C, H/f, W/f]`, *before* the
+    /// scheduler's `init_noise_sigma` is applied (as diffusers' `latents=` argument). `None`
+    /// draws them from each image's seeded stream.
+    pub initial_latents: Option<Vec<f32>>,
+}
+
+/// Progress reported after every model evaluation of the denoising loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Evaluations done so far (1-based after the first).
+    pub step: u32,
+    pub total: u32,
+}
+
+/// Callback after every step; returning `ControlFlow::Break(())` cancels the run.
+pub type ProgressFn<'a> = dyn FnMut(Progress) -> ControlFlow<()> + 'a;
+
+/// Wall-clock time of each stage of one `generate` call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageTimings {
+    pub text_encoding: Duration,
+    pub denoising: Duration,
+    pub per_step: Vec<Duration>,
+    /// Time inside ONNX Runtime's `Session::run` during denoising.
+    pub denoising_session_run: Duration,
+    pub vae_decode: Duration,
+}
+
+/// One decoded image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    pub index: u32,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Row-major RGB, 3 bytes per pixel.
+    pub rgb: Vec<u8>,
+}
+
+/// The result of one `generate` call.
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub images: Vec<GeneratedImage>,
+    /// Final latents before VAE scaling, image-major.
+    pub latents: Vec<f32>,
+    pub timings: StageTimings,
+}

@@ -25,3 +25,124 @@ pub trait Scheduler: Send {
     /// per-image noise for stochastic schedulers (one stream per image, image-major layout).
     fn step(&mut self, model_output: &[f32], index: usize, sample: &mut [f32], noise: &mut BatchNoise);
 }
+
+/// The schedulers this engine offers, by the project's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    Euler,
+    EulerA,
+    Ddim,
+    Dpmpp2m,
+    Dpmpp2mKarras,
+    Dpmpp2mSde,
+    Dpmpp2mSdeKarras,
+    Unipc,
+    Heun,
+    Lms,
+}
+
+impl SchedulerKind {
+    /// Every scheduler, in a stable order.
+    pub const ALL: [SchedulerKind; 10] = [
+        SchedulerKind::Euler,
+        SchedulerKind::EulerA,
+        SchedulerKind::Ddim,
+        SchedulerKind::Dpmpp2m,
+        SchedulerKind::Dpmpp2mKarras,
+        SchedulerKind::Dpmpp2mSde,
+        SchedulerKind::Dpmpp2mSdeKarras,
+        SchedulerKind::Unipc,
+        SchedulerKind::Heun,
+        SchedulerKind::Lms,
+    ];
+
+    /// The id used in job messages and on the command line.
+    pub fn id(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerA => "euler_a",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Dpmpp2m => "dpmpp_2m",
+            SchedulerKind::Dpmpp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::Dpmpp2mSde => "dpmpp_2m_sde",
+            SchedulerKind::Dpmpp2mSdeKarras => "dpmpp_2m_sde_karras",
+            SchedulerKind::Unipc => "unipc",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::Lms => "lms",
+        }
+    }
+
+    /// The diffusers class that computes the same thing.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerA => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Dpmpp2m
+            | SchedulerKind::Dpmpp2mKarras
+            | SchedulerKind::Dpmpp2mSde
+            | SchedulerKind::Dpmpp2mSdeKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Unipc => "UniPCMultistepScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+        }
+    }
+
+    /// The name AUTOMATIC1111's web UI gives it (also written into PNG parameters).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerA => "Euler a",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::Dpmpp2m => "DPM++ 2M",
+            SchedulerKind::Dpmpp2mKarras => "DPM++ 2M Karras",
+            SchedulerKind::Dpmpp2mSde => "DPM++ 2M SDE",
+            SchedulerKind::Dpmpp2mSdeKarras => "DPM++ 2M SDE Karras",
+            SchedulerKind::Unipc => "UniPC",
+            SchedulerKind::Heun => "Heun",
+            SchedulerKind::Lms => "LMS",
+        }
+    }
+
+    /// Parse a project id (`euler_a`) or an A1111 name (`Euler a`), case-insensitively.
+    pub fn parse(name: &str) -> Option<SchedulerKind> {
+        let n = name.trim();
+        Self::ALL
+            .into_iter()
+            .find(|k| k.id().eq_ignore_ascii_case(n) || k.a1111_name().eq_ignore_ascii_case(n))
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+/// How inference timesteps are spread over the training timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+/// Per-request changes to the model's scheduler configuration; `None` keeps the model's value.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerOverrides {
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: Option<u32>,
+    pub prediction_type: Option<PredictionType>,
+    pub use_karras_sigmas: Option<bool>,
+}
