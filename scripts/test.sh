@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The test command: prepares what the test suite talks to, then runs every test target.
+#
+#   scripts/test.sh [extra cargo test arguments]
+#
+# - installs ONNX Runtime's CPU library (scripts/setup-ort.sh) and points ORT_DYLIB_PATH at it;
+# - installs the Python tools the tests drive (moto's S3 server, pika) when they are missing;
+# - starts the local PostgreSQL and RabbitMQ when they do not answer;
+# - runs `cargo test --all-targets`.
+#
+# Tests use their own queue prefixes, database schemas and storage prefixes, so they run in
+# parallel against the same servers. DATABASE_URL and AMQP_URL override the servers' addresses.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+
+# ONNX Runtime (CPU build), unless ORT_DYLIB_PATH already points at a library.
+if [ -z "${ORT_DYLIB_PATH:-}" ] || [ ! -f "${ORT_DYLIB_PATH}" ]; then
+  scripts/setup-ort.sh cpu
+  ORT_DYLIB_PATH="$root/.ort/lib/libonnxruntime.so.${ORT_VERSION:-1.31.1}"
+  export ORT_DYLIB_PATH
+fi
+echo "ONNX Runtime: $ORT_DYLIB_PATH"
+
+# Python tools used by the tests: moto's S3 server and a foreign AMQP producer (pika).
+missing=()
+python3 -c "import moto.server, flask_cors" 2>/dev/null || missing+=("moto[server]")
+python3 -c "import pika" 2>/dev/null || missing+=("pika")
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "Installing ${missing[*]} ..."
+  python3 -m pip install -q "${missing[@]}"
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+  local name="$1" port="$2"
+  for _ in $(seq 1 60); do
+    port_open "$port" && return 0
+    sleep 1
+  done
+  echo "$name does not answer on port $port" >&2
+  return 1
+}
+
+if ! port_open 5432; then
+  echo "Starting PostgreSQL ..."
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  wait_for_port PostgreSQL 5432
+fi
+if ! port_open 5672; then
+  echo "Starting RabbitMQ ..."
+  rabbitmq-server -detached
+  wait_for_port RabbitMQ 5672
+fi
+
+cargo test --all-targets "$@"

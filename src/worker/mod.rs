@@ -1,0 +1,1 @@
+//! The worker: intake consumer and GPU-scoped consumers.
