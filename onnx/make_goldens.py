@@ -258,9 +258,11 @@ def make_tokenizer_goldens(model_dir, out_dir, log=print):
         "max_length": tokenizer.model_max_length,
         "cases": entries,
     }
+    # One case per line keeps the file small and its diffs readable.
+    head = json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1, ensure_ascii=False)
+    lines = [json.dumps(entry, ensure_ascii=False) for entry in entries]
     with open(os.path.join(out_dir, "tokens.json"), "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        f.write(head[:-2] + ',\n "cases": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n")
     log(f"{len(entries)} tokenizer cases")
 
 
