@@ -1,1 +1,255 @@
-//! The worker: intake consumer and GPU-scoped consumers.
+//! The worker process: connects to Postgres, storage and RabbitMQ, declares the topology, and
+//! runs the intake consumer and one GPU-scoped consumer per configured device until told to
+//! stop.
+//!
+//! - [`intake`]: validates every message from `{p}.intake`, writes the `queued` row (or a
+//!   `failed` row / a dead letter for an invalid message) and routes it to the high or normal
+//!   work queue.
+//! - [`consumer`]: one per device; pulls work (high before normal), keeps at most
+//!   `worker.prefetch` jobs in flight and hands inference to an [`engine_thread`].
+//! - [`process`]: what happens to one job: attempt, progress, images, result, acknowledgement.
+//!
+//! Every message is acknowledged only after the rows and objects it stands for are written.
+
+mod consumer;
+mod devices;
+mod engine_thread;
+mod intake;
+mod process;
+mod run;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerError, Topology};
+use crate::config::{Config, DevicesSetting};
+use crate::db::{Db, DbError};
+use crate::engine::Device;
+use crate::storage::{Storage, StorageError};
+
+pub use devices::auto_devices;
+
+/// Why the worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The OS refused to start an engine thread.
+    #[error("cannot start the engine thread for {device}: {source}")]
+    EngineThread {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker ended the intake subscription (connection lost or consumer cancelled).
+    #[error("the intake subscription ended unexpectedly")]
+    IntakeClosed,
+    /// The engine failed in a way another attempt may not (out of device memory, a device
+    /// fault, the engine thread gone).
+    #[error("{message}")]
+    Engine { code: &'static str, message: String },
+    /// The worker is stopping; the job goes back to the queue.
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+    /// A worker task ended abnormally (a bug: tasks handle their errors).
+    #[error("a worker task ended abnormally: {0}")]
+    Task(String),
+}
+
+impl WorkerError {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WorkerError::Db(err) => err.code(),
+            WorkerError::Broker(err) => err.code(),
+            WorkerError::Storage(err) => err.code(),
+            WorkerError::EngineThread { .. } => "engine_thread_start",
+            WorkerError::IntakeClosed => "intake_closed",
+            WorkerError::Engine { code, .. } => code,
+            WorkerError::ShuttingDown => "shutting_down",
+            WorkerError::Task(_) => "worker_task_failed",
+        }
+    }
+
+    /// Whether restarting the worker later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WorkerError::Db(err) => err.is_retryable(),
+            WorkerError::Broker(err) => err.is_retryable(),
+            WorkerError::Storage(err) => err.is_retryable(),
+            WorkerError::EngineThread { .. }
+            | WorkerError::IntakeClosed
+            | WorkerError::Engine { .. }
+            | WorkerError::ShuttingDown => true,
+            WorkerError::Task(_) => false,
+        }
+    }
+}
+
+/// Which parts of a worker run in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Run the intake consumer.
+    pub intake: bool,
+    /// Run the GPU consumers of `worker.devices`.
+    pub consumers: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            intake: true,
+            consumers: true,
+        }
+    }
+}
+
+/// What every task of a worker shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub db: Db,
+    pub storage: Storage,
+    pub broker: Broker,
+    pub worker_id: String,
+}
+
+/// Runs a complete worker (intake and GPU consumers) until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+    run_with(config, RunOptions::default(), shutdown).await
+}
+
+/// Runs the parts of a worker that `options` selects until `shutdown` resolves, then stops
+/// taking jobs, lets the jobs in flight finish (within `worker.shutdown_grace_ms`) and returns.
+/// Returns early with the error when a part fails for good (the broker connection is lost,
+/// for instance); the process supervisor is expected to restart it.
+pub async fn run_with(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let worker_id = config.worker.id.clone().unwrap_or_else(default_worker_id);
+    let db = Db::connect(&config.database).await?;
+    db.migrate().await?;
+    let storage = Storage::from_config(&config.storage).await?;
+    let topology = Topology::new(config.broker.prefix.clone(), config.broker.delivery_limit);
+    let broker = Broker::connect(&config.broker.url, topology).await?;
+    broker.declare_topology().await?;
+    let shared = Arc::new(Shared {
+        config,
+        db,
+        storage,
+        broker,
+        worker_id,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let started = start_tasks(&shared, &options, &stop_rx, &mut tasks).await;
+    if let Err(err) = started {
+        let _ = stop_tx.send(true);
+        drain(&mut tasks).await;
+        shutdown_connections(&shared).await;
+        return Err(err);
+    }
+    tracing::info!(
+        worker_id = %shared.worker_id,
+        prefix = %shared.broker.topology().prefix,
+        intake = options.intake,
+        consumers = tasks.len() - usize::from(options.intake),
+        "worker started"
+    );
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown => tracing::info!("shutdown requested: finishing the jobs in flight"),
+        Some(joined) = tasks.join_next() => {
+            failure = task_failure(joined);
+            tracing::error!("a worker task stopped; shutting the worker down");
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(err) = drain(&mut tasks).await {
+        failure.get_or_insert(err);
+    }
+    shutdown_connections(&shared).await;
+    tracing::info!("worker stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+async fn start_tasks(
+    shared: &Arc<Shared>,
+    options: &RunOptions,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<Result<(), WorkerError>>,
+) -> Result<(), WorkerError> {
+    if options.intake {
+        let tag = format!("{}-intake", shared.worker_id);
+        let stream = shared
+            .broker
+            .intake_consumer(shared.config.broker.intake_prefetch, &tag)
+            .await?;
+        tasks.spawn(intake::run(shared.clone(), stream, stop.clone()));
+    }
+    if options.consumers {
+        let nvml = devices::nvml();
+        let devices: Vec<Device> = match &shared.config.worker.devices {
+            DevicesSetting::Auto => auto_devices(nvml.as_deref()),
+            DevicesSetting::List(devices) => devices.clone(),
+        };
+        for device in devices {
+            let consumer = consumer::GpuConsumer::start(shared.clone(), device, nvml.clone()).await?;
+            tasks.spawn(consumer.run(stop.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for every task; returns the first failure.
+async fn drain(tasks: &mut JoinSet<Result<(), WorkerError>>) -> Option<WorkerError> {
+    let mut first = None;
+    while let Some(joined) = tasks.join_next().await {
+        if let Some(err) = task_failure(joined) {
+            tracing::error!(error = %err, code = err.code(), "worker task failed");
+            first.get_or_insert(err);
+        }
+    }
+    first
+}
+
+fn task_failure(
+    joined: Result<Result<(), WorkerError>, tokio::task::JoinError>,
+) -> Option<WorkerError> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err),
+        Err(join) => Some(WorkerError::Task(join.to_string())),
+    }
+}
+
+async fn shutdown_connections(shared: &Shared) {
+    shared.broker.close().await;
+    shared.db.close().await;
+}
+
+/// Resolves once the flag behind `flag` is set (or its sender is gone).
+pub(crate) async fn signalled(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+/// `{host}-{pid}`, the worker id when none is configured.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,151 @@
+//! A GPU-scoped consumer: one per device. It pulls work with basic.get, the high lane always
+//! before the normal lane, only while it holds fewer than `worker.prefetch` jobs, and runs each
+//! job's inference on its own engine thread.
+//!
+//! On stop it takes no new job and gives the jobs in flight `worker.shutdown_grace_ms` to
+//! finish; jobs still running then are stopped at their next step and returned to the queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvml_wrapper::Nvml;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::devices::GpuMemoryProbe;
+use super::engine_thread::EngineThread;
+use super::{process, Shared, WorkerError};
+use crate::broker::WorkPuller;
+use crate::engine::{Device, EngineOptions};
+
+/// What the jobs of one consumer share.
+pub(crate) struct ConsumerContext {
+    pub shared: Arc<Shared>,
+    /// `cpu` or `cuda:N`, as recorded in job rows.
+    pub device: String,
+    pub engine: EngineThread,
+    pub gpu_memory: Option<GpuMemoryProbe>,
+    /// Set when the shutdown grace period is over: running jobs stop and go back to the queue.
+    pub abort: watch::Receiver<bool>,
+}
+
+pub(crate) struct GpuConsumer {
+    context: Arc<ConsumerContext>,
+    abort: watch::Sender<bool>,
+    puller: WorkPuller,
+}
+
+impl GpuConsumer {
+    /// Opens the pull channel and starts the engine thread (the model loads with the first job).
+    pub async fn start(
+        shared: Arc<Shared>,
+        device: Device,
+        nvml: Option<Arc<Nvml>>,
+    ) -> Result<GpuConsumer, WorkerError> {
+        let puller = shared.broker.work_puller().await?;
+        let options = EngineOptions {
+            device,
+            ..EngineOptions::default()
+        };
+        let engine = EngineThread::spawn(options).map_err(|source| WorkerError::EngineThread {
+            device: device.to_string(),
+            source,
+        })?;
+        let (abort, abort_rx) = watch::channel(false);
+        let context = ConsumerContext {
+            shared,
+            device: device.to_string(),
+            engine,
+            gpu_memory: nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device)),
+            abort: abort_rx,
+        };
+        Ok(GpuConsumer {
+            context: Arc::new(context),
+            abort,
+            puller,
+        })
+    }
+
+    /// Pulls and runs jobs until `stop` is set, then finishes the jobs in flight.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let GpuConsumer {
+            context,
+            abort,
+            puller,
+        } = self;
+        let worker = &context.shared.config.worker;
+        let permits = Arc::new(Semaphore::new(worker.prefetch.max(1) as usize));
+        let poll = Duration::from_millis(worker.poll_interval_ms.max(1));
+        let grace = Duration::from_millis(worker.shutdown_grace_ms);
+        tracing::info!(device = %context.device, prefetch = worker.prefetch, "GPU consumer started");
+
+        let mut tasks = JoinSet::new();
+        let result = loop {
+            reap(&mut tasks);
+            let permit = tokio::select! {
+                biased;
+                () = super::signalled(&mut stop) => break Ok(()),
+                permit = permits.clone().acquire_owned() => permit,
+            };
+            let Ok(permit) = permit else { break Ok(()) };
+            match puller.pull().await {
+                Ok(Some(message)) => {
+                    let context = context.clone();
+                    tasks.spawn(async move {
+                        process::handle(&context, message).await;
+                        drop(permit);
+                    });
+                }
+                Ok(None) => {
+                    drop(permit);
+                    tokio::select! {
+                        () = super::signalled(&mut stop) => {}
+                        () = tokio::time::sleep(poll) => {}
+                    }
+                }
+                Err(err) => break Err(WorkerError::from(err)),
+            }
+        };
+
+        finish_in_flight(&mut tasks, &abort, grace).await;
+        puller.close().await;
+        match Arc::try_unwrap(context) {
+            Ok(context) => context.engine.shutdown().await,
+            Err(_) => tracing::error!("job tasks outlived their consumer"),
+        }
+        tracing::info!("GPU consumer stopped");
+        result
+    }
+}
+
+/// Collects finished job tasks; a panicking task is logged (its message is redelivered).
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(joined) = tasks.try_join_next() {
+        if let Err(err) = joined {
+            tracing::error!(error = %err, "a job task ended abnormally");
+        }
+    }
+}
+
+async fn finish_in_flight(tasks: &mut JoinSet<()>, abort: &watch::Sender<bool>, grace: Duration) {
+    if !tasks.is_empty() {
+        tracing::info!(jobs = tasks.len(), "waiting for the jobs in flight");
+    }
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    let mut aborted = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Err(err)) => tracing::error!(error = %err, "a job task ended abnormally"),
+                Some(Ok(())) => {}
+            },
+            () = &mut deadline, if !aborted => {
+                tracing::warn!(jobs = tasks.len(), "shutdown grace period over: returning the jobs in flight");
+                aborted = true;
+                let _ = abort.send(true);
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! One OS thread per GPU consumer that owns the ONNX Runtime engine.
+//!
+//! The async side sends [`EngineJob`]s over a channel and awaits the reply on a oneshot; it
+//! never blocks on inference. Progress flows back over an unbounded channel, and a shared flag
+//! lets the async side cancel a run between steps. A panic inside the engine is caught here,
+//! the engine is dropped (its state can no longer be trusted) and the job gets an error; the
+//! next job loads a fresh engine.
+
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::engine::{Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress};
+
+/// A model to run: the configured name and its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelRef {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// One generation for the engine thread.
+pub struct EngineJob {
+    pub model: ModelRef,
+    pub request: GenerateRequest,
+    /// Receives every step's progress.
+    pub progress: tokio_mpsc::UnboundedSender<Progress>,
+    /// Set by the async side to stop the run at the next step.
+    pub cancel: Arc<AtomicBool>,
+}
+
+struct Command {
+    job: EngineJob,
+    reply: oneshot::Sender<Result<EngineRun, EngineFailure>>,
+}
+
+/// A finished generation.
+pub struct EngineRun {
+    pub output: GenerateOutput,
+    /// Time spent loading the model for this job; `None` when it was already loaded.
+    pub model_load: Option<Duration>,
+}
+
+/// Why a generation produced no images.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineFailure {
+    #[error("cannot load model `{model}`: {source}")]
+    Load {
+        model: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("{0}")]
+    Generate(#[source] EngineError),
+    #[error("the engine panicked: {0}")]
+    Panicked(String),
+    #[error("the run was cancelled")]
+    Cancelled,
+    #[error("the engine thread is gone")]
+    ThreadGone,
+}
+
+impl EngineFailure {
+    /// Stable snake_case code, recorded in the job row.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineFailure::Load { .. } => "model_load_failed",
+            EngineFailure::Generate(err) => err.code(),
+            EngineFailure::Panicked(_) => "engine_panic",
+            EngineFailure::Cancelled => "cancelled",
+            EngineFailure::ThreadGone => "engine_unavailable",
+        }
+    }
+}
+
+/// The async side's handle on an engine thread.
+pub struct EngineThread {
+    sender: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts the thread; models are loaded on first use.
+    pub fn spawn(options: EngineOptions) -> std::io::Result<EngineThread> {
+        let (sender, receiver) = mpsc::channel::<Command>();
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{}", options.device))
+            .spawn(move || engine_loop(options, receiver))?;
+        Ok(EngineThread {
+            sender: Some(sender),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs one job and waits for its result without blocking the async runtime.
+    pub async fn run(&self, job: EngineJob) -> Result<EngineRun, EngineFailure> {
+        let (reply, result) = oneshot::channel();
+        let Some(sender) = &self.sender else {
+            return Err(EngineFailure::ThreadGone);
+        };
+        if sender.send(Command { job, reply }).is_err() {
+            return Err(EngineFailure::ThreadGone);
+        }
+        result.await.unwrap_or(Err(EngineFailure::ThreadGone))
+    }
+
+    /// Closes the channel and waits (off the async threads) for the thread to finish its job.
+    pub async fn shutdown(mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the engine thread ended abnormally");
+            }
+        }
+    }
+}
+
+struct Loaded {
+    name: String,
+    path: PathBuf,
+    engine: Engine,
+}
+
+fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
+    let mut loaded: Option<Loaded> = None;
+    while let Ok(Command { job, reply }) = receiver.recv() {
+        let EngineJob {
+            model,
+            request,
+            progress,
+            cancel,
+        } = job;
+        if cancel.load(Ordering::Relaxed) {
+            let _ = reply.send(Err(EngineFailure::Cancelled));
+            continue;
+        }
+        let result = run_one(&options, &mut loaded, &model, &request, &progress, &cancel);
+        // The receiver may be gone (shutdown); nothing else to do with the result then.
+        let _ = reply.send(result);
+    }
+}
+
+fn run_one(
+    options: &EngineOptions,
+    loaded: &mut Option<Loaded>,
+    model: &ModelRef,
+    request: &GenerateRequest,
+    progress: &tokio_mpsc::UnboundedSender<Progress>,
+    cancel: &AtomicBool,
+) -> Result<EngineRun, EngineFailure> {
+    let mut model_load = None;
+    let current = loaded
+        .as_ref()
+        .is_some_and(|l| l.name == model.name && l.path == model.path);
+    if !current {
+        // Free the previous model before loading the next one.
+        *loaded = None;
+        let started = Instant::now();
+        let engine = catch_unwind(AssertUnwindSafe(|| Engine::load(&model.path, options)))
+            .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+            .map_err(|source| EngineFailure::Load {
+                model: model.name.clone(),
+                source,
+            })?;
+        model_load = Some(started.elapsed());
+        *loaded = Some(Loaded {
+            name: model.name.clone(),
+            path: model.path.clone(),
+            engine,
+        });
+    }
+    let Some(current) = loaded.as_mut() else {
+        return Err(EngineFailure::ThreadGone);
+    };
+    let mut on_progress = |p: Progress| {
+        let _ = progress.send(p);
+        if cancel.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        current.engine.generate(request, &mut on_progress)
+    }));
+    match outcome {
+        Ok(Ok(output)) => Ok(EngineRun { output, model_load }),
+        Ok(Err(_)) if cancel.load(Ordering::Relaxed) => Err(EngineFailure::Cancelled),
+        Ok(Err(err)) => Err(EngineFailure::Generate(err)),
+        Err(panic) => {
+            *loaded = None;
+            Err(EngineFailure::Panicked(panic_message(panic.as_ref())))
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}

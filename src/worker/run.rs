@@ -1,0 +1,163 @@
+//! Drives one job's inference on the engine thread: writes progress to the job row (the first
+//! and the last step always, others at most every `worker.progress_interval_ms`), samples the
+//! device's memory, and stops the run at the next step when the job is cancelled, taken over
+//! by a newer attempt, runs past `worker.job_timeout_ms`, or the worker's shutdown grace ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::consumer::ConsumerContext;
+use super::engine_thread::{EngineFailure, EngineJob, EngineRun, ModelRef};
+use crate::db::ProgressOutcome;
+use crate::engine::{GenerateRequest, Progress};
+
+/// Why a run was stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Someone asked to cancel the job.
+    CancelRequested,
+    /// The row no longer belongs to this attempt.
+    Lost,
+    Timeout,
+    /// The worker's shutdown grace period is over.
+    Shutdown,
+}
+
+pub(crate) struct RunOutcome {
+    pub result: Result<EngineRun, EngineFailure>,
+    /// Set when the run was asked to stop (the engine may have finished anyway).
+    pub stop: Option<StopReason>,
+    /// Highest memory use sampled on the device during the run (GPUs only).
+    pub peak_gpu_mem_bytes: Option<u64>,
+}
+
+struct Tracker<'a> {
+    ctx: &'a ConsumerContext,
+    id: Uuid,
+    attempt: i32,
+    interval: Duration,
+    last_write: Option<Instant>,
+    /// Latest progress not yet written.
+    pending: Option<Progress>,
+    stop: Option<StopReason>,
+    cancel: Arc<AtomicBool>,
+    peak: Option<u64>,
+}
+
+impl Tracker<'_> {
+    fn request_stop(&mut self, reason: StopReason) {
+        if self.stop.is_none() {
+            self.stop = Some(reason);
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn sample_memory(&mut self) {
+        if let Some(used) = self.ctx.gpu_memory.as_ref().and_then(|p| p.used_bytes()) {
+            self.peak = Some(self.peak.map_or(used, |peak| peak.max(used)));
+        }
+    }
+
+    async fn on_progress(&mut self, progress: Progress) {
+        self.sample_memory();
+        self.pending = Some(progress);
+        let due = self
+            .last_write
+            .is_none_or(|last| last.elapsed() >= self.interval);
+        if due || progress.step >= progress.total {
+            self.flush().await;
+        }
+    }
+
+    /// Writes the pending progress, if any.
+    async fn flush(&mut self) {
+        let Some(progress) = self.pending.take() else {
+            return;
+        };
+        if self.stop.is_some() {
+            return;
+        }
+        self.last_write = Some(Instant::now());
+        let step = i32::try_from(progress.step).unwrap_or(i32::MAX);
+        let total = i32::try_from(progress.total).unwrap_or(i32::MAX);
+        match self
+            .ctx
+            .shared
+            .db
+            .record_progress(self.id, self.attempt, step, total)
+            .await
+        {
+            Ok(ProgressOutcome::Recorded) => {}
+            Ok(ProgressOutcome::CancelRequested) => self.request_stop(StopReason::CancelRequested),
+            Ok(ProgressOutcome::Lost) => self.request_stop(StopReason::Lost),
+            // Progress is informative; a failed write does not stop the job.
+            Err(err) => tracing::warn!(job_id = %self.id, error = %err, "cannot record progress"),
+        }
+    }
+}
+
+/// Runs `request` on the consumer's engine thread and follows it to the end.
+pub(crate) async fn run_engine(
+    ctx: &ConsumerContext,
+    id: Uuid,
+    attempt: i32,
+    model: ModelRef,
+    request: GenerateRequest,
+) -> RunOutcome {
+    let worker = &ctx.shared.config.worker;
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut tracker = Tracker {
+        ctx,
+        id,
+        attempt,
+        interval: Duration::from_millis(worker.progress_interval_ms),
+        last_write: None,
+        pending: None,
+        stop: None,
+        cancel: cancel.clone(),
+        peak: None,
+    };
+    tracker.sample_memory();
+    let job = EngineJob {
+        model,
+        request,
+        progress: progress_tx,
+        cancel,
+    };
+    let run = ctx.engine.run(job);
+    tokio::pin!(run);
+    let timeout = tokio::time::sleep(Duration::from_millis(worker.job_timeout_ms));
+    tokio::pin!(timeout);
+    let mut abort = ctx.abort.clone();
+
+    let result = loop {
+        tokio::select! {
+            result = &mut run => break result,
+            Some(progress) = progress_rx.recv() => tracker.on_progress(progress).await,
+            () = &mut timeout, if tracker.stop.is_none() => {
+                tracing::warn!(job_id = %id, "job timed out: stopping it");
+                tracker.request_stop(StopReason::Timeout);
+            }
+            () = super::signalled(&mut abort), if tracker.stop.is_none() => {
+                tracker.request_stop(StopReason::Shutdown);
+            }
+        }
+    };
+    while let Ok(progress) = progress_rx.try_recv() {
+        tracker.pending = Some(progress);
+    }
+    if result.is_ok() {
+        tracker.flush().await;
+    }
+    tracker.sample_memory();
+    RunOutcome {
+        result,
+        stop: tracker.stop,
+        peak_gpu_mem_bytes: tracker.peak,
+    }
+}
