@@ -1,16 +1,34 @@
 //! The command line: `generate`, `migrate`, `worker`, `submit`, `status` and `demo`.
-//! Each command lives in its own file; this module parses arguments and dispatches.
+//! Each command lives in its own file; this module parses arguments, sets up logging and
+//! dispatches. Commands print results on stdout and logs on stderr.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::config::{Config, LogConfig, LogFormat};
+
+pub mod demo;
 pub mod generate;
+pub mod migrate;
+pub mod status;
+pub mod submit;
+pub mod worker;
+
+/// Exit code of `status` for an unknown job id.
+pub const EXIT_NOT_FOUND: u8 = 2;
 
 /// sdxl-worker: SDXL image generation on ONNX Runtime, fed by RabbitMQ, tracked in Postgres.
 #[derive(Debug, Parser)]
 #[command(name = "sdxl-worker", version, about)]
 pub struct Cli {
+    /// Configuration file (TOML). Without it: `SDXL_CONFIG`, then `config/sdxl-worker.toml`
+    /// when present; environment variables (`SDXL_*`) override either.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -19,19 +37,68 @@ pub struct Cli {
 pub enum Command {
     /// Generate images locally from an ONNX SDXL model (no broker or database needed).
     Generate(generate::GenerateArgs),
+    /// Create or upgrade the database tables.
+    Migrate,
+    /// Run a worker: the intake consumer and one consumer per configured device.
+    Worker(worker::WorkerArgs),
+    /// Publish a job message to the broker and print its id.
+    Submit(submit::SubmitArgs),
+    /// Print the status row of a job as JSON.
+    Status(status::StatusArgs),
+    /// Run one job end to end on the CPU with the bundled tiny model.
+    Demo(demo::DemoArgs),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let file = cli.config;
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Migrate => service(file, migrate::run),
+        Command::Worker(args) => service(file, |config| worker::run(config, args)),
+        Command::Submit(args) => service(file, |config| submit::run(config, args)),
+        Command::Status(args) => service(file, |config| status::run(config, args)),
+        Command::Demo(args) => service(file, |config| demo::run(config, args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the configuration, sets up logging and runs `command` on a Tokio runtime.
+fn service<F, Fut>(config_file: Option<PathBuf>, command: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: Future<Output = anyhow::Result<ExitCode>>,
+{
+    let config = Config::load(config_file.as_deref()).context("loading the configuration")?;
+    init_logging(&config.log)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(command(config))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` when set, else by `log.level`; `log.format` picks
+/// human-readable text or one JSON object per line.
+pub fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(directives),
+        _ => EnvFilter::try_new(&log.level),
+    }
+    .with_context(|| format!("invalid log filter {:?}", log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // Already installed (an embedding program did it): keep theirs.
+    drop(installed);
+    Ok(())
 }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
-use crate::engine::{Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress};
+use crate::engine::{
+    Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
+};
 
 /// A model to run: the configured name and its directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

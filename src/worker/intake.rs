@@ -73,7 +73,10 @@ async fn handle(shared: &Shared, message: Incoming) {
                 Err(err) => Outcome::Retry(err.into()),
             }
         }
-        Err(JobRejection::Unreadable { code, message: text }) => {
+        Err(JobRejection::Unreadable {
+            code,
+            message: text,
+        }) => {
             tracing::info!(code, reason = %text, "unreadable job message: dead-lettering it");
             let reason = DeadLetterReason {
                 code: code.to_owned(),
@@ -110,7 +113,9 @@ async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome 
         }
         Err(err) => return Outcome::Retry(err.into()),
     }
-    let priority = job.priority.max(message.priority().unwrap_or(0).min(job::MAX_PRIORITY));
+    let priority = job
+        .priority
+        .max(message.priority().unwrap_or(0).min(job::MAX_PRIORITY));
     let lane = Lane::for_priority(priority);
     let properties = BasicProperties::default()
         .with_message_id(ShortString::from(job.id.to_string()))

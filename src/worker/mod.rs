@@ -204,7 +204,8 @@ async fn start_tasks(
             DevicesSetting::List(devices) => devices.clone(),
         };
         for device in devices {
-            let consumer = consumer::GpuConsumer::start(shared.clone(), device, nvml.clone()).await?;
+            let consumer =
+                consumer::GpuConsumer::start(shared.clone(), device, nvml.clone()).await?;
             tasks.spawn(consumer.run(stop.clone()));
         }
     }

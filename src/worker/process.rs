@@ -238,7 +238,10 @@ async fn reject(ctx: &ConsumerContext, id: Uuid, errors: &[FieldError]) -> Dispo
         Ok(true) => Disposition::Ack,
         Ok(false) => match db.get(id).await {
             Ok(Some(_)) => Disposition::Ack,
-            Ok(None) => match db.insert_invalid(id, &serde_json::Value::Null, errors).await {
+            Ok(None) => match db
+                .insert_invalid(id, &serde_json::Value::Null, errors)
+                .await
+            {
                 Ok(()) => Disposition::Ack,
                 Err(err) => Disposition::retry(id, None, err),
             },
@@ -279,7 +282,11 @@ async fn engine_failure(
 ) -> Disposition {
     match &failure {
         EngineFailure::Generate(EngineError::InvalidRequest { field, message }) => {
-            let errors = [FieldError::new(*field, job::codes::INVALID_VALUE, message.clone())];
+            let errors = [FieldError::new(
+                *field,
+                job::codes::INVALID_VALUE,
+                message.clone(),
+            )];
             fail_invalid(ctx, id, Some(attempt), &errors).await
         }
         EngineFailure::Generate(err) if err.is_retryable() => {
@@ -417,7 +424,8 @@ async fn settle(ctx: &ConsumerContext, message: &Incoming, disposition: Disposit
                 }
             }
             if !matches!(error, WorkerError::ShuttingDown) {
-                let pause = Duration::from_millis(250 * 2u64.pow(attempt.unwrap_or(1).clamp(1, 5) as u32));
+                let pause =
+                    Duration::from_millis(250 * 2u64.pow(attempt.unwrap_or(1).clamp(1, 5) as u32));
                 tokio::time::sleep(pause.min(MAX_RETRY_PAUSE)).await;
             }
             nack(message).await;
