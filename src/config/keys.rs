@@ -1,0 +1,361 @@
+//! The table of configuration keys: dotted name, environment variable, description, and how a
+//! value from a file or the environment is applied to the settings.
+
+use std::path::PathBuf;
+
+use crate::config::load::Input;
+use crate::config::types::{
+    BrokerConfig, DatabaseConfig, DevicesSetting, Limits, LogConfig, LogFormat, ModelsConfig,
+    WorkerConfig,
+};
+use crate::engine::SchedulerKind;
+
+/// One configuration key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Dotted name: the TOML section and key (`storage.s3.bucket`).
+    pub name: &'static str,
+    /// The environment variable that overrides it.
+    pub env: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+const fn key(name: &'static str, env: &'static str, doc: &'static str) -> KeySpec {
+    KeySpec { name, env, doc }
+}
+
+/// Every configuration key, in the order of `config/example.toml`.
+pub const KEYS: &[KeySpec] = &[
+    key("broker.url", "SDXL_BROKER_URL", "AMQP URL of RabbitMQ"),
+    key(
+        "broker.prefix",
+        "SDXL_BROKER_PREFIX",
+        "prefix of exchange and queue names",
+    ),
+    key(
+        "broker.delivery_limit",
+        "SDXL_BROKER_DELIVERY_LIMIT",
+        "deliveries before a work message is dead-lettered",
+    ),
+    key(
+        "broker.intake_prefetch",
+        "SDXL_BROKER_INTAKE_PREFETCH",
+        "prefetch of the intake consumer",
+    ),
+    key(
+        "broker.reconnect_delay_ms",
+        "SDXL_BROKER_RECONNECT_DELAY_MS",
+        "first reconnection delay",
+    ),
+    key(
+        "broker.reconnect_max_delay_ms",
+        "SDXL_BROKER_RECONNECT_MAX_DELAY_MS",
+        "largest reconnection delay",
+    ),
+    key("database.url", "SDXL_DATABASE_URL", "Postgres URL"),
+    key(
+        "database.schema",
+        "SDXL_DATABASE_SCHEMA",
+        "schema of the tables (created if absent)",
+    ),
+    key(
+        "database.max_connections",
+        "SDXL_DATABASE_MAX_CONNECTIONS",
+        "connection pool size",
+    ),
+    key(
+        "database.acquire_timeout_ms",
+        "SDXL_DATABASE_ACQUIRE_TIMEOUT_MS",
+        "wait for a connection",
+    ),
+    key(
+        "storage.backend",
+        "SDXL_STORAGE_BACKEND",
+        "\"local\" or \"s3\"",
+    ),
+    key(
+        "storage.prefix",
+        "SDXL_STORAGE_PREFIX",
+        "prefix of every object key",
+    ),
+    key(
+        "storage.path",
+        "SDXL_STORAGE_PATH",
+        "directory of the local backend",
+    ),
+    key(
+        "storage.s3.endpoint",
+        "SDXL_S3_ENDPOINT",
+        "endpoint URL of a non-AWS server (empty: AWS)",
+    ),
+    key("storage.s3.region", "SDXL_S3_REGION", "region"),
+    key(
+        "storage.s3.bucket",
+        "SDXL_S3_BUCKET",
+        "bucket (required for the s3 backend)",
+    ),
+    key(
+        "storage.s3.allow_http",
+        "SDXL_S3_ALLOW_HTTP",
+        "allow http:// endpoints",
+    ),
+    key(
+        "storage.s3.path_style",
+        "SDXL_S3_PATH_STYLE",
+        "path-style requests instead of virtual-hosted",
+    ),
+    key(
+        "worker.id",
+        "SDXL_WORKER_ID",
+        "name recorded in job rows (empty: host name and pid)",
+    ),
+    key(
+        "worker.devices",
+        "SDXL_WORKER_DEVICES",
+        "\"auto\" or a list of \"cpu\" / \"cuda:N\"",
+    ),
+    key(
+        "worker.prefetch",
+        "SDXL_WORKER_PREFETCH",
+        "jobs a GPU consumer holds at once",
+    ),
+    key(
+        "worker.max_attempts",
+        "SDXL_WORKER_MAX_ATTEMPTS",
+        "attempts before a job is failed",
+    ),
+    key(
+        "worker.progress_interval_ms",
+        "SDXL_WORKER_PROGRESS_INTERVAL_MS",
+        "least time between progress updates",
+    ),
+    key(
+        "worker.poll_interval_ms",
+        "SDXL_WORKER_POLL_INTERVAL_MS",
+        "pause between polls of empty work queues",
+    ),
+    key(
+        "worker.job_timeout_ms",
+        "SDXL_WORKER_JOB_TIMEOUT_MS",
+        "longest run of one job",
+    ),
+    key(
+        "worker.shutdown_grace_ms",
+        "SDXL_WORKER_SHUTDOWN_GRACE_MS",
+        "time running jobs get to finish on shutdown",
+    ),
+    key(
+        "models.default",
+        "SDXL_MODELS_DEFAULT",
+        "model of jobs that name none",
+    ),
+    key(
+        "models.available",
+        "SDXL_MODELS_AVAILABLE",
+        "models by name (env: \"name=path,name=path\")",
+    ),
+    key(
+        "limits.min_side",
+        "SDXL_LIMITS_MIN_SIDE",
+        "smallest width or height",
+    ),
+    key(
+        "limits.max_side",
+        "SDXL_LIMITS_MAX_SIDE",
+        "largest width or height",
+    ),
+    key(
+        "limits.max_pixels",
+        "SDXL_LIMITS_MAX_PIXELS",
+        "largest width x height",
+    ),
+    key("limits.min_steps", "SDXL_LIMITS_MIN_STEPS", "fewest steps"),
+    key("limits.max_steps", "SDXL_LIMITS_MAX_STEPS", "most steps"),
+    key(
+        "limits.min_guidance_scale",
+        "SDXL_LIMITS_MIN_GUIDANCE_SCALE",
+        "smallest guidance_scale",
+    ),
+    key(
+        "limits.max_guidance_scale",
+        "SDXL_LIMITS_MAX_GUIDANCE_SCALE",
+        "largest guidance_scale",
+    ),
+    key(
+        "limits.max_images",
+        "SDXL_LIMITS_MAX_IMAGES",
+        "most images per job",
+    ),
+    key(
+        "limits.max_prompt_chars",
+        "SDXL_LIMITS_MAX_PROMPT_CHARS",
+        "longest prompt in characters",
+    ),
+    key(
+        "limits.max_message_bytes",
+        "SDXL_LIMITS_MAX_MESSAGE_BYTES",
+        "largest job message",
+    ),
+    key(
+        "limits.max_metadata_bytes",
+        "SDXL_LIMITS_MAX_METADATA_BYTES",
+        "largest metadata object",
+    ),
+    key(
+        "limits.schedulers",
+        "SDXL_LIMITS_SCHEDULERS",
+        "schedulers jobs may use",
+    ),
+    key("log.level", "SDXL_LOG_LEVEL", "tracing filter directive"),
+    key("log.format", "SDXL_LOG_FORMAT", "\"text\" or \"json\""),
+];
+
+/// The spec of `name`.
+pub fn spec(name: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// Storage settings before they become a [`crate::config::StorageConfig`].
+#[derive(Debug, Clone)]
+pub(crate) struct StorageSettings {
+    pub backend: String,
+    pub prefix: String,
+    pub path: PathBuf,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_bucket: String,
+    pub s3_allow_http: bool,
+    pub s3_path_style: bool,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            backend: "local".to_owned(),
+            prefix: String::new(),
+            path: PathBuf::from("out/images"),
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_owned(),
+            s3_bucket: String::new(),
+            s3_allow_http: false,
+            s3_path_style: true,
+        }
+    }
+}
+
+/// All settings while layers are applied.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settings {
+    pub broker: BrokerConfig,
+    pub database: DatabaseConfig,
+    pub storage: StorageSettings,
+    pub worker: WorkerConfig,
+    pub models: ModelsConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+/// Apply one value to the key `name`. Returns a message (without the key or origin, which the
+/// caller adds) when the value does not fit.
+pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), String> {
+    match name {
+        "broker.url" => s.broker.url = v.text()?,
+        "broker.prefix" => s.broker.prefix = v.text()?,
+        "broker.delivery_limit" => s.broker.delivery_limit = v.int()?,
+        "broker.intake_prefetch" => s.broker.intake_prefetch = v.int()?,
+        "broker.reconnect_delay_ms" => s.broker.reconnect_delay_ms = v.int()?,
+        "broker.reconnect_max_delay_ms" => s.broker.reconnect_max_delay_ms = v.int()?,
+        "database.url" => s.database.url = v.text()?,
+        "database.schema" => s.database.schema = v.text()?,
+        "database.max_connections" => s.database.max_connections = v.int()?,
+        "database.acquire_timeout_ms" => s.database.acquire_timeout_ms = v.int()?,
+        "storage.backend" => s.storage.backend = v.text()?.to_ascii_lowercase(),
+        "storage.prefix" => s.storage.prefix = v.text()?,
+        "storage.path" => s.storage.path = PathBuf::from(v.text()?),
+        "storage.s3.endpoint" => s.storage.s3_endpoint = v.optional_text()?,
+        "storage.s3.region" => s.storage.s3_region = v.text()?,
+        "storage.s3.bucket" => s.storage.s3_bucket = v.text()?,
+        "storage.s3.allow_http" => s.storage.s3_allow_http = v.flag()?,
+        "storage.s3.path_style" => s.storage.s3_path_style = v.flag()?,
+        "worker.id" => s.worker.id = v.optional_text()?,
+        "worker.devices" => s.worker.devices = devices(v)?,
+        "worker.prefetch" => s.worker.prefetch = v.int()?,
+        "worker.max_attempts" => s.worker.max_attempts = v.int()?,
+        "worker.progress_interval_ms" => s.worker.progress_interval_ms = v.int()?,
+        "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,
+        "worker.job_timeout_ms" => s.worker.job_timeout_ms = v.int()?,
+        "worker.shutdown_grace_ms" => s.worker.shutdown_grace_ms = v.int()?,
+        "models.default" => s.models.default = v.text()?,
+        "models.available" => s.models.models = v.models()?,
+        "limits.min_side" => s.limits.min_side = v.int()?,
+        "limits.max_side" => s.limits.max_side = v.int()?,
+        "limits.max_pixels" => s.limits.max_pixels = v.int()?,
+        "limits.min_steps" => s.limits.min_steps = v.int()?,
+        "limits.max_steps" => s.limits.max_steps = v.int()?,
+        "limits.min_guidance_scale" => s.limits.min_guidance_scale = v.float()? as f32,
+        "limits.max_guidance_scale" => s.limits.max_guidance_scale = v.float()? as f32,
+        "limits.max_images" => s.limits.max_images = v.int()?,
+        "limits.max_prompt_chars" => s.limits.max_prompt_chars = v.int()?,
+        "limits.max_message_bytes" => s.limits.max_message_bytes = v.int()?,
+        "limits.max_metadata_bytes" => s.limits.max_metadata_bytes = v.int()?,
+        "limits.schedulers" => s.limits.schedulers = schedulers(v)?,
+        "log.level" => s.log.level = v.text()?,
+        "log.format" => s.log.format = log_format(&v.text()?)?,
+        other => return Err(format!("unknown key {other:?}")),
+    }
+    Ok(())
+}
+
+fn devices(v: &Input<'_>) -> Result<DevicesSetting, String> {
+    match v.text_or_list()? {
+        either::One(text) => DevicesSetting::parse(&text),
+        either::Many(items) => {
+            let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+            DevicesSetting::from_items(&refs)
+        }
+    }
+}
+
+fn schedulers(v: &Input<'_>) -> Result<Vec<SchedulerKind>, String> {
+    let items = match v.text_or_list()? {
+        either::One(text) if text.trim().eq_ignore_ascii_case("all") => {
+            return Ok(SchedulerKind::ALL.to_vec())
+        }
+        either::One(text) => text.split(',').map(|s| s.trim().to_owned()).collect(),
+        either::Many(items) => items,
+    };
+    let mut kinds = Vec::with_capacity(items.len());
+    for item in &items {
+        let kind = SchedulerKind::parse(item).ok_or_else(|| {
+            let known: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.id()).collect();
+            format!("unknown scheduler {item:?} (known: {})", known.join(", "))
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    if kinds.is_empty() {
+        return Err("at least one scheduler must be enabled".to_owned());
+    }
+    Ok(kinds)
+}
+
+fn log_format(text: &str) -> Result<LogFormat, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!(
+            "unknown log format {other:?}: expected \"text\" or \"json\""
+        )),
+    }
+}
+
+/// A value that may be written as one string or as a list of strings.
+pub(crate) mod either {
+    pub enum TextOrList {
+        One(String),
+        Many(Vec<String>),
+    }
+    pub use TextOrList::{Many, One};
+}

@@ -1,0 +1,301 @@
+//! The job message contract, version 1: its serde types, validation against the deployment's
+//! [`Limits`] and models, and its JSON Schema (`schema/job-v1.json`).
+//!
+//! Policies producers rely on:
+//! - `version`, `id` (a UUID in the hyphenated form, chosen by the producer) and `prompt` are
+//!   required; every other field is optional, and `null` means the same as leaving it out.
+//! - Fields the contract does not name are rejected (`unknown_field`), so a typo never passes
+//!   silently; a message with another `version` is rejected with `unsupported_version` alone.
+//! - Validation reports every invalid field at once, each as a [`FieldError`] with a stable
+//!   code from [`codes`].
+//! - A message without a readable id cannot get a status row; it is [`JobRejection::Unreadable`].
+//! - An absent `seed` is drawn at intake; the normalized message ([`ValidJob::message`]) records
+//!   it with every other default, so retries reproduce the same images.
+
+pub mod schema;
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::{Limits, ModelsConfig};
+use crate::engine::{GenerateRequest, SchedulerKind, SchedulerOverrides};
+
+pub use validate::parse_and_validate;
+
+/// The only message version this build understands.
+pub const VERSION: u64 = 1;
+
+/// Default number of denoising steps.
+pub const DEFAULT_STEPS: u32 = 30;
+/// Default classifier-free guidance scale.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
+/// Default guidance rescale (disabled).
+pub const DEFAULT_GUIDANCE_RESCALE: f64 = 0.0;
+/// Default scheduler.
+pub const DEFAULT_SCHEDULER: SchedulerKind = SchedulerKind::Euler;
+/// Default number of images.
+pub const DEFAULT_NUM_IMAGES: u32 = 1;
+/// Default priority (0 lowest, 9 highest).
+pub const DEFAULT_PRIORITY: u8 = 0;
+/// Highest priority.
+pub const MAX_PRIORITY: u8 = 9;
+/// Jobs with at least this priority go to the high-priority work queue.
+pub const HIGH_PRIORITY_THRESHOLD: u8 = 5;
+/// Largest value of either side in `original_size`, `target_size` and `crops_coords_top_left`.
+pub const MAX_CONDITIONING_SIDE: u32 = 16384;
+/// Largest `scheduler_options.steps_offset`.
+pub const MAX_STEPS_OFFSET: u32 = 999;
+/// Drawn seeds are below this bound (32-bit, as most tools write seeds).
+pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
+
+/// Field name used for errors about the message as a whole.
+pub const WHOLE_MESSAGE: &str = "$";
+
+/// Every top-level field of a version 1 message, in documentation order.
+pub const FIELDS: [&str; 21] = [
+    "version",
+    "id",
+    "model",
+    "prompt",
+    "prompt_2",
+    "negative_prompt",
+    "negative_prompt_2",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "guidance_rescale",
+    "scheduler",
+    "scheduler_options",
+    "seed",
+    "num_images",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "priority",
+    "metadata",
+];
+
+/// Fields of `scheduler_options`.
+pub const SCHEDULER_OPTION_FIELDS: [&str; 4] = [
+    "timestep_spacing",
+    "steps_offset",
+    "prediction_type",
+    "use_karras_sigmas",
+];
+
+/// Stable error codes of [`FieldError`] and [`JobRejection::Unreadable`].
+pub mod codes {
+    /// A required field is absent (or `null`).
+    pub const MISSING: &str = "missing";
+    /// A field has the wrong JSON type.
+    pub const WRONG_TYPE: &str = "wrong_type";
+    /// A number is outside its allowed range.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
+    /// Width or height is not a multiple of 8.
+    pub const NOT_MULTIPLE_OF_8: &str = "not_multiple_of_8";
+    /// Width × height is above `limits.max_pixels`.
+    pub const TOO_MANY_PIXELS: &str = "too_many_pixels";
+    /// The model is not one this deployment has.
+    pub const UNKNOWN_MODEL: &str = "unknown_model";
+    /// The scheduler is unknown or not enabled here.
+    pub const UNKNOWN_SCHEDULER: &str = "unknown_scheduler";
+    /// A string is not one of the allowed values.
+    pub const INVALID_VALUE: &str = "invalid_value";
+    /// A prompt is longer than `limits.max_prompt_chars`.
+    pub const TOO_LONG: &str = "too_long";
+    /// The prompt is empty or only white space.
+    pub const EMPTY: &str = "empty";
+    /// An array has the wrong number of items.
+    pub const WRONG_LENGTH: &str = "wrong_length";
+    /// The field is not part of the contract.
+    pub const UNKNOWN_FIELD: &str = "unknown_field";
+    /// `version` is not 1.
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    /// The message or its metadata is too large.
+    pub const TOO_LARGE: &str = "too_large";
+    /// The body is empty.
+    pub const EMPTY_BODY: &str = "empty_body";
+    /// The body is not JSON (or not UTF-8).
+    pub const NOT_JSON: &str = "not_json";
+    /// The body is JSON but not an object.
+    pub const NOT_OBJECT: &str = "not_object";
+    /// The message has no `id`.
+    pub const MISSING_ID: &str = "missing_id";
+    /// `id` is not a UUID in the hyphenated form.
+    pub const INVALID_UUID: &str = "invalid_uuid";
+}
+
+/// A version 1 job message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMessage {
+    pub version: u64,
+    pub id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_2: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_rescale: Option<f64>,
+    /// A project id (`euler_a`) or an A1111 name (`Euler a`), case-insensitive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler_options: Option<SchedulerOverrides>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_images: Option<u32>,
+    /// `[height, width]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<[u32; 2]>,
+    /// `[top, left]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crops_coords_top_left: Option<[u32; 2]>,
+    /// `[height, width]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<[u32; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One invalid field of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// The field's path (`width`, `scheduler_options.steps_offset`, `original_size[1]`), or
+    /// `$` for the message as a whole.
+    pub field: String,
+    /// A stable code from [`codes`].
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobRejection {
+    /// No job id could be read, so no status row can record the rejection.
+    #[error("unreadable job message ({code}): {message}")]
+    Unreadable { code: &'static str, message: String },
+    /// The message has an id but some fields are invalid.
+    #[error("invalid job {id}: {}", summarize(.errors))]
+    Invalid { id: Uuid, errors: Vec<FieldError> },
+}
+
+impl JobRejection {
+    /// Stable code: the unreadable reason, or `invalid_request`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobRejection::Unreadable { code, .. } => code,
+            JobRejection::Invalid { .. } => "invalid_request",
+        }
+    }
+}
+
+/// One line listing field errors, for logs and error messages.
+pub fn summarize(errors: &[FieldError]) -> String {
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {} ({})", e.field, e.message, e.code))
+        .collect();
+    parts.join("; ")
+}
+
+/// A message that passed validation, with every default resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidJob {
+    pub id: Uuid,
+    pub model: String,
+    pub priority: u8,
+    /// The normalized message: defaults filled in, the scheduler as its project id, the seed
+    /// drawn if it was absent. Validating it again yields the same job.
+    pub message: JobMessage,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub num_images: u32,
+    pub scheduler: SchedulerKind,
+}
+
+impl ValidJob {
+    /// Whether the job belongs on the high-priority work queue.
+    pub fn is_high_priority(&self) -> bool {
+        self.priority >= HIGH_PRIORITY_THRESHOLD
+    }
+
+    /// The normalized message as JSON (what the status row records as `request`).
+    pub fn request_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.message).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The normalized message as bytes, to republish so every attempt sees the same seed.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.message).unwrap_or_default()
+    }
+
+    /// The engine request for this job.
+    pub fn generate_request(&self) -> GenerateRequest {
+        let m = &self.message;
+        let pair = |p: Option<[u32; 2]>| p.map(|[a, b]| (a, b));
+        GenerateRequest {
+            prompt: m.prompt.clone(),
+            prompt_2: m.prompt_2.clone(),
+            negative_prompt: m.negative_prompt.clone(),
+            negative_prompt_2: m.negative_prompt_2.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: m.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE) as f32,
+            guidance_rescale: m.guidance_rescale.unwrap_or(DEFAULT_GUIDANCE_RESCALE) as f32,
+            scheduler: self.scheduler,
+            scheduler_overrides: m.scheduler_options.clone().unwrap_or_default(),
+            seed: self.seed,
+            num_images: self.num_images,
+            original_size: pair(m.original_size),
+            crops_coords_top_left: pair(m.crops_coords_top_left).unwrap_or((0, 0)),
+            target_size: pair(m.target_size),
+            initial_latents: None,
+        }
+    }
+}
+
+/// Validate an already-built message (for producers in this crate, such as the CLI).
+pub fn validate_message(
+    message: &JobMessage,
+    limits: &Limits,
+    models: &ModelsConfig,
+) -> Result<ValidJob, JobRejection> {
+    let body = serde_json::to_vec(message).map_err(|e| JobRejection::Unreadable {
+        code: codes::NOT_JSON,
+        message: e.to_string(),
+    })?;
+    parse_and_validate(&body, limits, models)
+}

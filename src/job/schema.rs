@@ -1,0 +1,220 @@
+//! The JSON Schema (draft 2020-12) of job messages version 1.
+//!
+//! The schema is generated from the same constants and [`Limits`] the validator uses;
+//! `schema/job-v1.json` is the schema for the default limits, committed so producers can read
+//! it, and a test fails when the two differ (`SDXL_UPDATE_SCHEMA=1` rewrites the file). A
+//! deployment serves [`json_schema`] with its own limits and model names.
+//!
+//! A few rules cannot be written in JSON Schema and are checked only by the validator: the
+//! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
+//! 64 bits, a prompt of only white space, and scheduler names in another letter case.
+
+use serde_json::{json, Value};
+
+use super::{
+    DEFAULT_GUIDANCE_RESCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_IMAGES, DEFAULT_PRIORITY,
+    DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CONDITIONING_SIDE, MAX_PRIORITY, MAX_STEPS_OFFSET,
+};
+use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
+
+/// Path of the committed schema, relative to the crate root.
+pub const SCHEMA_PATH: &str = "schema/job-v1.json";
+
+/// The schema's `$id`.
+pub const SCHEMA_ID: &str = "urn:sdxl-worker:schema:job-v1";
+
+/// The committed schema file's text.
+pub fn committed_text() -> &'static str {
+    include_str!("../../schema/job-v1.json")
+}
+
+/// The schema of version 1 messages under `limits`; with `models`, `model` is restricted to
+/// their names.
+pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
+    let mut model = json!({
+        "type": ["string", "null"],
+        "minLength": 1,
+        "description": "Model name; absent means the deployment's default model."
+    });
+    if let Some(models) = models {
+        let mut names: Vec<Value> = models.names().into_iter().map(|n| json!(n)).collect();
+        names.push(Value::Null);
+        model["enum"] = Value::Array(names);
+    }
+    let mut schedulers: Vec<&str> = Vec::new();
+    for kind in &limits.schedulers {
+        schedulers.push(kind.id());
+        schedulers.push(kind.a1111_name());
+    }
+    let prompt_max = limits.max_prompt_chars;
+    let side = json!({
+        "type": ["integer", "null"],
+        "minimum": limits.min_side,
+        "maximum": limits.max_side,
+        "multipleOf": 8,
+        "description": format!(
+            "Pixels; absent means the model's default ({FALLBACK_SIDE} unless configured). \
+             width x height must not exceed {} pixels.",
+            limits.max_pixels
+        ),
+    });
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "sdxl-worker job message, version 1",
+        "description": "A text-to-image job. Fields not listed here are rejected \
+            (unknown_field); null means the same as leaving a field out. Producers choose the \
+            id, so they can poll the job's status row at once and publishing twice is harmless.",
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["version", "id", "prompt"],
+        "properties": {
+            "version": { "const": 1, "description": "Message version; always 1." },
+            "id": {
+                "type": "string",
+                "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+                "description": "Job id chosen by the producer: a UUID in the hyphenated form."
+            },
+            "model": model,
+            "prompt": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": prompt_max,
+                "pattern": "\\S",
+                "description": "Prompt (both text encoders unless prompt_2 is given)."
+            },
+            "prompt_2": text_field(prompt_max, "Prompt of the second text encoder; absent uses prompt."),
+            "negative_prompt": text_field(prompt_max, "Negative prompt; absent means none (zero embeddings)."),
+            "negative_prompt_2": text_field(prompt_max, "Negative prompt of the second text encoder; absent uses negative_prompt."),
+            "width": side.clone(),
+            "height": side,
+            "steps": int_field(limits.min_steps, limits.max_steps, DEFAULT_STEPS, "Denoising steps."),
+            "guidance_scale": {
+                "type": ["number", "null"],
+                "minimum": limits.min_guidance_scale,
+                "maximum": limits.max_guidance_scale,
+                "default": DEFAULT_GUIDANCE_SCALE,
+                "description": "Classifier-free guidance scale."
+            },
+            "guidance_rescale": {
+                "type": ["number", "null"],
+                "minimum": 0.0,
+                "maximum": 1.0,
+                "default": DEFAULT_GUIDANCE_RESCALE,
+                "description": "Guidance rescale (0 disables it)."
+            },
+            "scheduler": {
+                "type": ["string", "null"],
+                "enum": schedulers.iter().map(|s| json!(s)).chain([Value::Null]).collect::<Vec<_>>(),
+                "default": DEFAULT_SCHEDULER.id(),
+                "description": "Scheduler: a project id or its A1111 name (letter case is ignored)."
+            },
+            "scheduler_options": scheduler_options(),
+            "seed": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": u64::MAX,
+                "description": "Seed of image 0 (image i uses seed + i); absent means drawn at intake and recorded."
+            },
+            "num_images": int_field(1, limits.max_images, DEFAULT_NUM_IMAGES, "Images in this job."),
+            "original_size": pair_field(1, "[height, width] micro-conditioning; absent means [height, width]."),
+            "crops_coords_top_left": pair_field(0, "[top, left] micro-conditioning; absent means [0, 0]."),
+            "target_size": pair_field(1, "[height, width] micro-conditioning; absent means [height, width]."),
+            "priority": int_field(0, u32::from(MAX_PRIORITY), u32::from(DEFAULT_PRIORITY), "0 (lowest) to 9; 5 and above take the high-priority queue."),
+            "metadata": {
+                "type": ["object", "null"],
+                "description": format!(
+                    "Free JSON object stored with the job, at most {} bytes as compact JSON.",
+                    limits.max_metadata_bytes
+                )
+            }
+        },
+        "examples": examples()
+    })
+}
+
+fn text_field(max: usize, description: &str) -> Value {
+    json!({ "type": ["string", "null"], "maxLength": max, "description": description })
+}
+
+fn int_field(min: u32, max: u32, default: u32, description: &str) -> Value {
+    json!({
+        "type": ["integer", "null"],
+        "minimum": min,
+        "maximum": max,
+        "default": default,
+        "description": description
+    })
+}
+
+fn pair_field(min: u32, description: &str) -> Value {
+    json!({
+        "type": ["array", "null"],
+        "items": { "type": "integer", "minimum": min, "maximum": MAX_CONDITIONING_SIDE },
+        "minItems": 2,
+        "maxItems": 2,
+        "description": description
+    })
+}
+
+fn scheduler_options() -> Value {
+    json!({
+        "type": ["object", "null"],
+        "additionalProperties": false,
+        "description": "Changes to the model's scheduler configuration for this job.",
+        "properties": {
+            "timestep_spacing": {
+                "enum": ["leading", "trailing", "linspace", null],
+                "description": "How inference timesteps are spread over the training timesteps."
+            },
+            "steps_offset": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_STEPS_OFFSET
+            },
+            "prediction_type": { "enum": ["epsilon", "v_prediction", null] },
+            "use_karras_sigmas": { "type": ["boolean", "null"] }
+        }
+    })
+}
+
+/// Valid example messages (also listed in the schema's `examples`).
+pub fn examples() -> Vec<Value> {
+    vec![
+        json!({
+            "version": 1,
+            "id": "0b7e4c1a-6d2f-4f8e-9a51-3c2d7e9f1a00",
+            "prompt": "a lighthouse on a cliff at dawn, oil painting"
+        }),
+        json!({
+            "version": 1,
+            "id": "5f0c2b9e-8a47-4d1b-b3e6-1f9a2c7d4e11",
+            "model": "tiny-sdxl",
+            "prompt": "portrait of an astronaut, studio lighting",
+            "prompt_2": "highly detailed, 85mm",
+            "negative_prompt": "blurry, low quality",
+            "width": 832,
+            "height": 1216,
+            "steps": 25,
+            "guidance_scale": 6.5,
+            "guidance_rescale": 0.7,
+            "scheduler": "DPM++ 2M Karras",
+            "scheduler_options": { "timestep_spacing": "trailing", "steps_offset": 0 },
+            "seed": 1234567890,
+            "num_images": 2,
+            "original_size": [1216, 832],
+            "crops_coords_top_left": [0, 0],
+            "target_size": [1216, 832],
+            "priority": 7,
+            "metadata": { "customer": "acme", "tags": ["space", "portrait"] }
+        }),
+        json!({
+            "version": 1,
+            "id": "c3a1e7d2-2b5f-4a9c-8e13-6d4f0b2a9c22",
+            "prompt": "a bowl of ramen, photo",
+            "negative_prompt": null,
+            "scheduler": "euler_a",
+            "seed": 42
+        }),
+    ]
+}
