@@ -73,10 +73,16 @@ fn infrastructure_services_have_ports_and_health_checks() {
     let compose = compose();
     let rabbitmq = service(&compose, "rabbitmq");
     let image = rabbitmq.get("image").and_then(Value::as_str).unwrap();
-    assert!(image.contains("management"), "RabbitMQ needs the management image: {image}");
+    assert!(
+        image.contains("management"),
+        "RabbitMQ needs the management image: {image}"
+    );
     let ports = strings(rabbitmq.get("ports"));
     assert!(ports.contains(&"5672:5672".to_owned()), "{ports:?}");
-    assert!(ports.contains(&"15672:15672".to_owned()), "management UI: {ports:?}");
+    assert!(
+        ports.contains(&"15672:15672".to_owned()),
+        "management UI: {ports:?}"
+    );
     assert!(!healthcheck(rabbitmq).is_empty());
 
     let postgres = service(&compose, "postgres");
@@ -95,7 +101,10 @@ fn every_sdxl_variable_is_a_configuration_key_and_loads() {
     for name in ["worker-cpu", "worker-gpu"] {
         let env = environment(service(&compose, name));
         for key in env.keys().filter(|k| k.starts_with("SDXL_")) {
-            assert!(known.contains(&key.as_str()), "{name}: {key} is not a configuration variable");
+            assert!(
+                known.contains(&key.as_str()),
+                "{name}: {key} is not a configuration variable"
+            );
         }
         let config = load_config(&env);
         assert_eq!(host_of(&config.broker.url), "rabbitmq:5672", "{name}");
@@ -111,7 +120,10 @@ fn every_sdxl_variable_is_a_configuration_key_and_loads() {
         );
     }
     let cpu = load_config(&environment(service(&compose, "worker-cpu")));
-    assert_eq!(cpu.worker.devices, DevicesSetting::List(vec![sdxl_worker::engine::Device::Cpu]));
+    assert_eq!(
+        cpu.worker.devices,
+        DevicesSetting::List(vec![sdxl_worker::engine::Device::Cpu])
+    );
     let gpu = load_config(&environment(service(&compose, "worker-gpu")));
     assert_eq!(gpu.worker.devices, DevicesSetting::Auto);
 }
@@ -140,8 +152,15 @@ fn workers_write_to_the_bucket_that_is_created_with_minios_credentials() {
             panic!("{name}: the compose workers use S3 storage");
         };
         assert_eq!(bucket, created, "{name} writes to a bucket nobody creates");
-        assert_eq!(endpoint.as_deref().map(host_of).as_deref(), Some("minio:9000"));
-        assert_eq!(env.get("AWS_ACCESS_KEY_ID"), minio_env.get("MINIO_ROOT_USER"), "{name}");
+        assert_eq!(
+            endpoint.as_deref().map(host_of).as_deref(),
+            Some("minio:9000")
+        );
+        assert_eq!(
+            env.get("AWS_ACCESS_KEY_ID"),
+            minio_env.get("MINIO_ROOT_USER"),
+            "{name}"
+        );
         assert_eq!(
             env.get("AWS_SECRET_ACCESS_KEY"),
             minio_env.get("MINIO_ROOT_PASSWORD"),
@@ -165,7 +184,10 @@ fn workers_build_from_the_dockerfiles_and_wait_for_healthy_dependencies() {
     ] {
         let worker = service(&compose, name);
         let build = worker.get("build").expect("build section");
-        assert_eq!(build.get("dockerfile").and_then(Value::as_str), Some(dockerfile));
+        assert_eq!(
+            build.get("dockerfile").and_then(Value::as_str),
+            Some(dockerfile)
+        );
         assert!(root.join(dockerfile).is_file(), "{dockerfile} is missing");
         let depends = worker.get("depends_on").expect("depends_on");
         for (dependency, condition) in [
@@ -199,6 +221,9 @@ fn the_gpu_worker_reserves_nvidia_gpus_under_a_profile() {
             && strings(d.get("capabilities")).contains(&"gpu".to_owned())
     }));
     let cpu = service(&compose, "worker-cpu");
-    assert!(cpu.get("profiles").is_none(), "the CPU worker starts by default");
+    assert!(
+        cpu.get("profiles").is_none(),
+        "the CPU worker starts by default"
+    );
     assert!(cpu.get("deploy").is_none());
 }

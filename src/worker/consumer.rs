@@ -16,7 +16,7 @@ use super::devices::GpuMemoryProbe;
 use super::engine_thread::EngineThread;
 use super::{process, Shared, WorkerError};
 use crate::broker::WorkPuller;
-use crate::engine::{Device, EngineOptions};
+use crate::engine::{runtime, Device, EngineError, EngineOptions};
 
 /// What the jobs of one consumer share.
 pub(crate) struct ConsumerContext {
@@ -42,6 +42,7 @@ impl GpuConsumer {
         device: Device,
         nvml: Option<Arc<Nvml>>,
     ) -> Result<GpuConsumer, WorkerError> {
+        check_device(device).await?;
         let puller = shared.broker.work_puller().await?;
         let options = EngineOptions {
             device,
@@ -116,6 +117,28 @@ impl GpuConsumer {
         tracing::info!("GPU consumer stopped");
         result
     }
+}
+
+/// Fails at start, not on the first job, when ONNX Runtime cannot run on `device`.
+async fn check_device(device: Device) -> Result<(), WorkerError> {
+    let start_error = |source| WorkerError::EngineStart {
+        device: device.to_string(),
+        source,
+    };
+    let checked = tokio::task::spawn_blocking(move || match device {
+        Device::Cpu => runtime::environment().map(|_| ()),
+        Device::Cuda { index } => match runtime::cuda_available() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::CudaUnavailable {
+                index,
+                reason: "the loaded ONNX Runtime has no CUDA execution provider".to_owned(),
+            }),
+            Err(err) => Err(err),
+        },
+    })
+    .await
+    .map_err(|join| WorkerError::Task(join.to_string()))?;
+    checked.map_err(start_error)
 }
 
 /// Collects finished job tasks; a panicking task is logged (its message is redelivered).

@@ -52,14 +52,14 @@ pub struct EngineRun {
 /// Why a generation produced no images.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineFailure {
-    #[error("cannot load model `{model}`: {source}")]
+    #[error("cannot load model `{model}`")]
     Load {
         model: String,
         #[source]
         source: EngineError,
     },
-    #[error("{0}")]
-    Generate(#[source] EngineError),
+    #[error(transparent)]
+    Generate(EngineError),
     #[error("the engine panicked: {0}")]
     Panicked(String),
     #[error("the run was cancelled")]

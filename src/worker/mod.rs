@@ -48,6 +48,13 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
+    /// ONNX Runtime cannot run on a configured device (library missing, no CUDA).
+    #[error("cannot run inference on {device}")]
+    EngineStart {
+        device: String,
+        #[source]
+        source: crate::engine::EngineError,
+    },
     /// The broker ended the intake subscription (connection lost or consumer cancelled).
     #[error("the intake subscription ended unexpectedly")]
     IntakeClosed,
@@ -71,6 +78,7 @@ impl WorkerError {
             WorkerError::Broker(err) => err.code(),
             WorkerError::Storage(err) => err.code(),
             WorkerError::EngineThread { .. } => "engine_thread_start",
+            WorkerError::EngineStart { source, .. } => source.code(),
             WorkerError::IntakeClosed => "intake_closed",
             WorkerError::Engine { code, .. } => code,
             WorkerError::ShuttingDown => "shutting_down",
@@ -88,7 +96,7 @@ impl WorkerError {
             | WorkerError::IntakeClosed
             | WorkerError::Engine { .. }
             | WorkerError::ShuttingDown => true,
-            WorkerError::Task(_) => false,
+            WorkerError::EngineStart { .. } | WorkerError::Task(_) => false,
         }
     }
 }
