@@ -9,13 +9,11 @@
 # - runs `cargo test --all-targets`.
 #
 # Tests use their own queue prefixes, database schemas and storage prefixes, so they run in
-# parallel against the same servers. DATABASE_URL and AMQP_URL override the servers' addresses.
+# parallel against the same servers. SDXL_TEST_DATABASE_URL and SDXL_TEST_BROKER_URL point them
+# at other servers (then nothing is started here).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-
-export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 
 # ONNX Runtime (CPU build), unless ORT_DYLIB_PATH already points at a library.
 if [ -z "${ORT_DYLIB_PATH:-}" ] || [ ! -f "${ORT_DYLIB_PATH}" ]; then
@@ -46,12 +44,12 @@ wait_for_port() {
   return 1
 }
 
-if ! port_open 5432; then
+if [ -z "${SDXL_TEST_DATABASE_URL:-}" ] && ! port_open 5432; then
   echo "Starting PostgreSQL ..."
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
   wait_for_port PostgreSQL 5432
 fi
-if ! port_open 5672; then
+if [ -z "${SDXL_TEST_BROKER_URL:-}" ] && ! port_open 5672; then
   echo "Starting RabbitMQ ..."
   rabbitmq-server -detached
   wait_for_port RabbitMQ 5672

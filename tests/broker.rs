@@ -1,4 +1,4 @@
-//! The RabbitMQ topology and messaging against a real broker (`AMQP_URL`, default the local
+//! The RabbitMQ topology and messaging against a real broker (`SDXL_TEST_BROKER_URL`, default the local
 //! one). Each test uses its own prefix and deletes its queues and exchanges afterwards.
 
 use std::time::Duration;
@@ -8,7 +8,8 @@ use lapin::BasicProperties;
 use sdxl_worker::broker::{Broker, BrokerError, DeadLetterReason, Lane, Topology};
 
 fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("SDXL_TEST_BROKER_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 async fn broker(name: &str) -> Broker {
