@@ -1,5 +1,6 @@
-//! The RabbitMQ topology and messaging against a real broker (`SDXL_TEST_BROKER_URL`, default the local
-//! one). Each test uses its own prefix and deletes its queues and exchanges afterwards.
+//! The RabbitMQ topology and messaging against a real broker (`SDXL_TEST_BROKER_URL`, default
+//! the local one). Each test uses its own prefix and deletes its queues and exchanges
+//! afterwards.
 
 use std::time::Duration;
 

@@ -77,10 +77,19 @@ async fn a_foreign_job_is_queued_before_any_gpu_consumer_then_succeeds_in_s3() {
     assert_eq!(row.images[0].seed, 7);
     assert_eq!(row.images[1].seed, 8);
 
-    let metrics = stack.db.db.get_metrics(id).await.unwrap().expect("metrics row");
+    let metrics = stack
+        .db
+        .db
+        .get_metrics(id)
+        .await
+        .unwrap()
+        .expect("metrics row");
     assert_eq!(metrics.step_ms.len(), 2);
     assert!(metrics.total_ms >= metrics.denoising_ms);
-    assert!(metrics.model_load_ms > 0.0, "the first job on a consumer loads the model");
+    assert!(
+        metrics.model_load_ms > 0.0,
+        "the first job on a consumer loads the model"
+    );
     assert!(metrics.queue_wait_ms >= 500.0, "{metrics:?}");
     assert_eq!(metrics.peak_gpu_mem_bytes, None);
 
