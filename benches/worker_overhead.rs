@@ -182,25 +182,50 @@ fn summary(mut values: Vec<f64>) -> (f64, f64, f64) {
     (mean, at(0.5), at(0.95))
 }
 
+/// One job's time, split as the table shows it.
+struct Breakdown {
+    total: f64,
+    session_run: f64,
+    engine_other: f64,
+    overhead: f64,
+    png: f64,
+    upload: f64,
+    db_broker: f64,
+    queue: f64,
+}
+
+impl Breakdown {
+    fn of(m: &JobMetrics) -> Breakdown {
+        let engine = m.text_encoding_ms + m.denoising_ms + m.vae_ms;
+        let overhead = m.total_ms - engine - m.model_load_ms;
+        Breakdown {
+            total: m.total_ms,
+            session_run: m.session_run_ms,
+            engine_other: engine - m.session_run_ms,
+            overhead,
+            png: m.png_ms,
+            upload: m.upload_ms,
+            db_broker: overhead - m.png_ms - m.upload_ms,
+            queue: m.queue_wait_ms,
+        }
+    }
+}
+
+type Column = (&'static str, fn(&Breakdown) -> f64);
+
+const COLUMNS: [Column; 8] = [
+    ("total", |b| b.total),
+    ("session_run", |b| b.session_run),
+    ("engine_other", |b| b.engine_other),
+    ("overhead", |b| b.overhead),
+    ("  png", |b| b.png),
+    ("  upload", |b| b.upload),
+    ("  db+broker", |b| b.db_broker),
+    ("queue", |b| b.queue),
+];
+
 fn report(settings: &Settings, metrics: &[JobMetrics], wall: Duration) {
-    let engine = |m: &JobMetrics| m.text_encoding_ms + m.denoising_ms + m.vae_ms;
-    let overhead = |m: &JobMetrics| m.total_ms - engine(m) - m.model_load_ms;
-    let columns: Vec<(&str, Box<dyn Fn(&JobMetrics) -> f64>)> = vec![
-        ("total", Box::new(|m| m.total_ms)),
-        ("session_run", Box::new(|m| m.session_run_ms)),
-        (
-            "engine_other",
-            Box::new(move |m| engine(m) - m.session_run_ms),
-        ),
-        ("overhead", Box::new(overhead)),
-        ("  png", Box::new(|m| m.png_ms)),
-        ("  upload", Box::new(|m| m.upload_ms)),
-        (
-            "  db+broker",
-            Box::new(move |m| overhead(m) - m.png_ms - m.upload_ms),
-        ),
-        ("queue", Box::new(|m| m.queue_wait_ms)),
-    ];
+    let rows: Vec<Breakdown> = metrics.iter().map(Breakdown::of).collect();
     println!(
         "worker overhead: {} jobs, {}x{}, {} steps, 1 CPU consumer, tiny model",
         metrics.len(),
@@ -212,8 +237,8 @@ fn report(settings: &Settings, metrics: &[JobMetrics], wall: Duration) {
         "{:<14} {:>10} {:>10} {:>10}",
         "ms per job", "mean", "p50", "p95"
     );
-    for (name, column) in &columns {
-        let (mean, p50, p95) = summary(metrics.iter().map(|m| column(m)).collect());
+    for (name, column) in COLUMNS {
+        let (mean, p50, p95) = summary(rows.iter().map(column).collect());
         println!("{name:<14} {mean:>10.2} {p50:>10.2} {p95:>10.2}");
     }
     let rate = metrics.len() as f64 / wall.as_secs_f64();
