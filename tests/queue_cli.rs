@@ -1,0 +1,175 @@
+//! The command line against the real services: `worker` (stopped with SIGTERM), `submit
+//! --wait`, `status` (including an unknown id) and `demo`, each run as the built binary.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::TestDb;
+use uuid::Uuid;
+
+/// Environment of one isolated deployment: its own schema, queue prefix and image directory.
+struct Deployment {
+    db: TestDb,
+    prefix: String,
+    images: tempfile::TempDir,
+    cwd: tempfile::TempDir,
+}
+
+impl Deployment {
+    async fn new(label: &str) -> Deployment {
+        Deployment {
+            db: TestDb::new(label).await,
+            prefix: support::unique_prefix(label),
+            images: tempfile::tempdir().unwrap(),
+            cwd: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sdxl-worker"));
+        let model = format!("tiny-sdxl={}", support::tiny_model_dir().display());
+        command
+            .args(args)
+            .current_dir(self.cwd.path())
+            .env_remove("SDXL_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("SDXL_BROKER_URL", support::broker_url())
+            .env("SDXL_BROKER_PREFIX", &self.prefix)
+            .env("SDXL_DATABASE_URL", &self.db.config.url)
+            .env("SDXL_DATABASE_SCHEMA", &self.db.config.schema)
+            .env("SDXL_STORAGE_BACKEND", "local")
+            .env("SDXL_STORAGE_PATH", self.images.path())
+            .env("SDXL_WORKER_DEVICES", "cpu")
+            .env("SDXL_WORKER_POLL_INTERVAL_MS", "20")
+            .env("SDXL_MODELS_DEFAULT", "tiny-sdxl")
+            .env("SDXL_MODELS_AVAILABLE", model)
+            .env("SDXL_LOG_LEVEL", "warn")
+            .envs(support::ort_env());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run sdxl-worker")
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_of_an_unknown_id_is_not_found_with_exit_code_2() {
+    let deployment = Deployment::new("cli-status").await;
+    let id = Uuid::new_v4().to_string();
+    let output = deployment.run(&["status", &id]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("not found"));
+    assert!(output.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_status_against_a_worker_process_that_stops_on_sigterm() {
+    let deployment = Deployment::new("cli-worker").await;
+    let mut worker = deployment
+        .command(&["worker"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+
+    let output = deployment.run(&[
+        "submit",
+        "--prompt",
+        "a red fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "11",
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    let id = stdout
+        .lines()
+        .next()
+        .expect("the id comes first")
+        .trim()
+        .to_owned();
+    Uuid::parse_str(&id).expect("a job id");
+    let row_json = &stdout[stdout.find('{').expect("the row as JSON")..];
+    let row: serde_json::Value = serde_json::from_str(row_json).expect("valid JSON");
+    assert_eq!(row["state"], "succeeded");
+    let key = row["images"][0]["key"].as_str().expect("image key");
+    assert!(deployment.images.path().join(key).is_file());
+
+    let status = deployment.run(&["status", &id]);
+    assert!(status.status.success());
+    let row: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(row["id"], id.as_str());
+    assert_eq!(row["state"], "succeeded");
+    assert_eq!(row["metrics"]["step_ms"].as_array().map(Vec::len), Some(2));
+
+    // An invalid submission is refused before it reaches the broker.
+    let refused = deployment.run(&["submit", "--prompt", "x", "--width", "65"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("width"));
+
+    let pid = worker.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let exit = wait_exit(&mut worker, Duration::from_secs(60));
+    assert!(exit.success(), "graceful stop exits 0, got {exit}");
+
+    let topology = sdxl_worker::broker::Topology::new(deployment.prefix.clone(), 5);
+    let broker = sdxl_worker::broker::Broker::connect(&support::broker_url(), topology)
+        .await
+        .unwrap();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_one_job_end_to_end_and_prints_the_png_path() {
+    let deployment = Deployment::new("cli-demo").await;
+    let output = deployment.run(&["demo", "--steps", "2"]);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert!(stdout.contains("\"state\": \"succeeded\""), "{stdout}");
+    let path = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("image 0: "))
+        .expect("the PNG path is printed");
+    let png = std::fs::read(Path::new(path.trim())).expect("the PNG exists");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
