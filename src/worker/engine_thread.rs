@@ -212,3 +212,84 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         "unknown panic payload".to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Device;
+
+    fn request() -> GenerateRequest {
+        GenerateRequest {
+            prompt: "a red fox".to_owned(),
+            prompt_2: None,
+            negative_prompt: None,
+            negative_prompt_2: None,
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance_scale: 5.0,
+            guidance_rescale: 0.0,
+            scheduler: crate::engine::SchedulerKind::Euler,
+            scheduler_overrides: Default::default(),
+            seed: 1,
+            num_images: 1,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            initial_latents: None,
+        }
+    }
+
+    fn job(path: &str, cancel: bool) -> EngineJob {
+        EngineJob {
+            model: ModelRef {
+                name: "m".to_owned(),
+                path: PathBuf::from(path),
+            },
+            request: request(),
+            progress: tokio_mpsc::unbounded_channel().0,
+            cancel: Arc::new(AtomicBool::new(cancel)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_model_that_cannot_load_fails_the_job_and_the_thread_carries_on() {
+        let options = EngineOptions {
+            device: Device::Cpu,
+            ..EngineOptions::default()
+        };
+        let thread = EngineThread::spawn(options).unwrap();
+        for _ in 0..2 {
+            let failure = thread
+                .run(job("/nonexistent/model", false))
+                .await
+                .err()
+                .expect("no model there");
+            assert_eq!(failure.code(), "model_load_failed");
+            assert!(matches!(failure, EngineFailure::Load { .. }));
+        }
+        thread.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_job_cancelled_before_it_starts_is_not_run() {
+        let thread = EngineThread::spawn(EngineOptions::default()).unwrap();
+        let failure = thread
+            .run(job("/nonexistent/model", true))
+            .await
+            .err()
+            .expect("cancelled");
+        assert!(matches!(failure, EngineFailure::Cancelled));
+        thread.shutdown().await;
+    }
+
+    #[test]
+    fn panic_payloads_become_messages() {
+        let text: Box<dyn std::any::Any + Send> = Box::new("boom");
+        assert_eq!(panic_message(text.as_ref()), "boom");
+        let owned: Box<dyn std::any::Any + Send> = Box::new(String::from("bang"));
+        assert_eq!(panic_message(owned.as_ref()), "bang");
+        let other: Box<dyn std::any::Any + Send> = Box::new(7_u8);
+        assert_eq!(panic_message(other.as_ref()), "unknown panic payload");
+    }
+}

@@ -93,7 +93,7 @@ async fn handle(shared: &Shared, message: Incoming) {
             }
         }
     };
-    settle(message, outcome).await;
+    settle(shared, message, outcome).await;
 }
 
 async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome {
@@ -134,7 +134,7 @@ async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome 
     }
 }
 
-async fn settle(message: Incoming, outcome: Outcome) {
+async fn settle(shared: &Shared, message: Incoming, outcome: Outcome) {
     match outcome {
         Outcome::Ack => {
             if let Err(err) = message.ack().await {
@@ -144,6 +144,9 @@ async fn settle(message: Incoming, outcome: Outcome) {
         Outcome::Retry(err) => {
             tracing::warn!(error = %err, code = err.code(), "intake failed; the message goes back to the queue");
             tokio::time::sleep(RETRY_PAUSE).await;
+            if matches!(err, WorkerError::Db(_)) {
+                super::wait_for_database(&shared.db).await;
+            }
             if let Err(err) = message.nack_requeue().await {
                 tracing::warn!(error = %err, "cannot return an intake delivery; the broker will redeliver it");
             }

@@ -20,6 +20,7 @@ mod run;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -245,6 +246,25 @@ fn task_failure(
 async fn shutdown_connections(shared: &Shared) {
     shared.broker.close().await;
     shared.db.close().await;
+}
+
+/// Longest wait for an unreachable database before a delivery is returned anyway.
+const DB_RECOVERY_WAIT: Duration = Duration::from_secs(120);
+
+/// After a database failure, waits (up to [`DB_RECOVERY_WAIT`]) until Postgres answers again,
+/// so that a returned message is not redelivered, and its delivery limit spent, while the
+/// database is down.
+pub(crate) async fn wait_for_database(db: &Db) {
+    let deadline = tokio::time::Instant::now() + DB_RECOVERY_WAIT;
+    let mut pause = Duration::from_millis(200);
+    while db.ping().await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("the database is still unreachable");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Resolves once the flag behind `flag` is set (or its sender is gone).

@@ -423,10 +423,10 @@ async fn settle(ctx: &ConsumerContext, message: &Incoming, disposition: Disposit
                     tracing::warn!(job_id = %id, error = %err, "cannot mark the job queued again");
                 }
             }
-            if !matches!(error, WorkerError::ShuttingDown) {
-                let pause =
-                    Duration::from_millis(250 * 2u64.pow(attempt.unwrap_or(1).clamp(1, 5) as u32));
-                tokio::time::sleep(pause.min(MAX_RETRY_PAUSE)).await;
+            match error {
+                WorkerError::ShuttingDown => {}
+                WorkerError::Db(_) => super::wait_for_database(&shared.db).await,
+                _ => tokio::time::sleep(retry_pause(attempt)).await,
             }
             nack(message).await;
         }
@@ -450,7 +450,7 @@ async fn give_up(
             .await
         {
             tracing::warn!(job_id = %id, error = %err, "cannot record the failure; retrying later");
-            tokio::time::sleep(MAX_RETRY_PAUSE).await;
+            super::wait_for_database(&shared.db).await;
             nack(message).await;
             return;
         }
@@ -483,6 +483,12 @@ async fn nack(message: &Incoming) {
     if let Err(err) = message.nack_requeue().await {
         tracing::warn!(error = %err, "cannot return a job message; the broker will redeliver it");
     }
+}
+
+/// Exponential pause before a job goes back to the queue: 0.5 s, 1 s, 2 s, ... up to 5 s.
+fn retry_pause(attempt: Option<i32>) -> Duration {
+    let exponent = attempt.unwrap_or(1).clamp(1, 5) as u32;
+    Duration::from_millis(250 * 2u64.pow(exponent)).min(MAX_RETRY_PAUSE)
 }
 
 fn ms(duration: Duration) -> f64 {
