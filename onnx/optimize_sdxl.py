@@ -5,7 +5,8 @@ layout with every graph fused by `onnxruntime.transformers.optimizer` and conver
 
 - `unet` (model type "unet"): MultiHeadAttention with packed QKV / KV, GroupNorm,
   SkipGroupNorm, BiasSplitGelu, NhwcConv, BiasAdd, LayerNormalization fusions.
-- `text_encoder`, `text_encoder_2` (model type "clip"): attention and layer-norm fusions.
+- `text_encoder`, `text_encoder_2` (model type "clip"): layer-norm and GELU fusions (ONNX Runtime's
+  CLIP attention pattern does not match the attention graph transformers 5 exports).
 - `vae_decoder`, `vae_encoder` (model type "vae"): fused but kept float32 unless asked
   otherwise, because the stock SDXL VAE overflows float16 (NaN, black images).
 
