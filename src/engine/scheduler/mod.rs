@@ -15,6 +15,9 @@ mod ddim;
 mod dpm_multistep;
 mod euler;
 mod euler_ancestral;
+mod heun;
+mod lms;
+mod unipc;
 
 pub use config::{BetaSchedule, FinalSigmasType, InterpolationType, SchedulerConfig, TimestepType};
 
@@ -83,13 +86,9 @@ pub fn build(
         | SchedulerKind::Dpmpp2mSdeKarras => {
             Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
         }
-        SchedulerKind::Unipc | SchedulerKind::Heun | SchedulerKind::Lms => {
-            return Err(SchedulerError::Unsupported {
-                key: "scheduler",
-                value: kind.id().into(),
-                reason: "not available in this build yet".into(),
-            })
-        }
+        SchedulerKind::Unipc => Box::new(unipc::UniPc::new(&config, steps)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(&config, steps)?),
     })
 }
 
