@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
 use sdxl_worker::engine::noise::BatchNoise;
 use sdxl_worker::engine::scheduler::{
     self, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, SchedulerOverrides,
 };
+use serde_json::{json, Value};
 
 fn golden(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -56,7 +56,11 @@ fn describe(case: &Value) -> String {
 
 fn compare_list(what: &str, got: &[f64], want: &[f64]) -> Option<String> {
     if got.len() != want.len() {
-        return Some(format!("{what}: {} values, diffusers {}", got.len(), want.len()));
+        return Some(format!(
+            "{what}: {} values, diffusers {}",
+            got.len(),
+            want.len()
+        ));
     }
     let bad = got.iter().zip(want).position(|(&g, &w)| !close(g, w))?;
     Some(format!(
@@ -70,14 +74,20 @@ fn timesteps_and_sigmas_match_diffusers() {
     let g = golden("timesteps.json");
     let base = &g["base_config"];
     let cases = g["cases"].as_array().unwrap();
-    assert!(cases.len() > 1800, "golden has every kind x spacing x 1..=60");
+    assert!(
+        cases.len() > 1800,
+        "golden has every kind x spacing x 1..=60"
+    );
     let mut failures = Vec::new();
     for case in cases {
         let (kind, config, steps) = case_setup(base, case);
         let built = scheduler::build(kind, &config, steps);
         if let Some(err) = case.get("error") {
             if built.is_ok() {
-                failures.push(format!("{}: diffusers raised {err}, built fine", describe(case)));
+                failures.push(format!(
+                    "{}: diffusers raised {err}, built fine",
+                    describe(case)
+                ));
             }
             continue;
         }
@@ -167,7 +177,10 @@ fn denoising_loops_match_diffusers() {
             .iter()
             .zip(&want)
             .map(|(&g, &w)| (g as f64 - w).abs())
-            .fold(0.0f64, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) });
+            .fold(
+                0.0f64,
+                |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+            );
         worst = worst.max(max_abs);
         if max_abs > 1e-4 {
             failures.push(format!("{}: max abs diff {max_abs:e}", describe(run)));
@@ -230,8 +243,8 @@ fn overrides_replace_model_values() {
         ..Default::default()
     };
     let plain = scheduler::build(SchedulerKind::Euler, &base, 10).unwrap();
-    let changed = scheduler::build(SchedulerKind::Euler, &base.with_overrides(&overrides), 10)
-        .unwrap();
+    let changed =
+        scheduler::build(SchedulerKind::Euler, &base.with_overrides(&overrides), 10).unwrap();
     assert_eq!(plain.timesteps()[0], 901.0);
     // Karras sigmas over the trailing range start at the top of the schedule, fractionally.
     assert!((changed.timesteps()[0] - 999.0).abs() < 1e-3);
@@ -245,9 +258,21 @@ fn kinds_report_diffusers_class_and_a1111_name() {
         ("euler_a", "EulerAncestralDiscreteScheduler", "Euler a"),
         ("ddim", "DDIMScheduler", "DDIM"),
         ("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M"),
-        ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", "DPM++ 2M Karras"),
-        ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", "DPM++ 2M SDE"),
-        ("dpmpp_2m_sde_karras", "DPMSolverMultistepScheduler", "DPM++ 2M SDE Karras"),
+        (
+            "dpmpp_2m_karras",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M Karras",
+        ),
+        (
+            "dpmpp_2m_sde",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M SDE",
+        ),
+        (
+            "dpmpp_2m_sde_karras",
+            "DPMSolverMultistepScheduler",
+            "DPM++ 2M SDE Karras",
+        ),
         ("unipc", "UniPCMultistepScheduler", "UniPC"),
         ("heun", "HeunDiscreteScheduler", "Heun"),
         ("lms", "LMSDiscreteScheduler", "LMS"),
@@ -279,7 +304,10 @@ fn bad_configuration_values_are_refused_with_codes() {
         parse_err(json!({"num_train_timesteps": "many"})).code(),
         "invalid_scheduler_config"
     );
-    assert_eq!(parse_err(json!({"steps_offset": -1})).code(), "invalid_scheduler_config");
+    assert_eq!(
+        parse_err(json!({"steps_offset": -1})).code(),
+        "invalid_scheduler_config"
+    );
     assert_eq!(
         parse_err(json!({"timestep_spacing": "sideways"})).code(),
         "invalid_scheduler_config"
@@ -289,7 +317,13 @@ fn bad_configuration_values_are_refused_with_codes() {
         "unsupported_scheduler_config"
     );
     assert_eq!(
-        SchedulerConfig::from_json(&json!([1, 2])).unwrap_err().code(),
+        parse_err(json!({"trained_betas": [0.1, "x"]})).code(),
+        "invalid_scheduler_config"
+    );
+    assert_eq!(
+        SchedulerConfig::from_json(&json!([1, 2]))
+            .unwrap_err()
+            .code(),
         "invalid_scheduler_config"
     );
 
@@ -306,7 +340,11 @@ fn bad_configuration_values_are_refused_with_codes() {
     };
     let e = build_err(SchedulerKind::Ddim, json!({"thresholding": true}), 10);
     assert_eq!(e.code(), "unsupported_scheduler_config");
-    let e = build_err(SchedulerKind::Dpmpp2m, json!({"algorithm_type": "dpmsolver"}), 10);
+    let e = build_err(
+        SchedulerKind::Dpmpp2m,
+        json!({"algorithm_type": "dpmsolver"}),
+        10,
+    );
     assert_eq!(e.code(), "unsupported_scheduler_config");
     let e = build_err(SchedulerKind::Dpmpp2m, json!({"solver_order": 7}), 10);
     assert_eq!(e.code(), "invalid_scheduler_config");
@@ -314,6 +352,16 @@ fn bad_configuration_values_are_refused_with_codes() {
     assert_eq!(e.code(), "invalid_steps");
     let e = build_err(SchedulerKind::Lms, json!({}), 1001);
     assert_eq!(e.code(), "invalid_steps");
+    for kind in SchedulerKind::ALL {
+        let e = build_err(kind, json!({"num_train_timesteps": 0}), 10);
+        assert_eq!(e.code(), "invalid_scheduler_config", "{kind}");
+        let e = build_err(
+            kind,
+            json!({"beta_end": 1.5, "beta_schedule": "linear"}),
+            10,
+        );
+        assert_eq!(e.code(), "invalid_scheduler_config", "{kind}");
+    }
     let e = build_err(SchedulerKind::Euler, json!({"beta_schedule": "exp"}), 10);
     assert_eq!(e.code(), "unsupported_scheduler_config");
     // thresholding is not an Euler key: diffusers ignores it there, and so do we.

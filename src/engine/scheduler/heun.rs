@@ -36,7 +36,11 @@ pub struct Heun {
 impl Heun {
     /// Configure for `steps` inference steps (`2·steps − 1` model evaluations).
     pub fn new(config: &SchedulerConfig, steps: u32) -> Result<Self, SchedulerError> {
-        common::reject_flag(config.use_exponential_sigmas, "use_exponential_sigmas", CLASS)?;
+        common::reject_flag(
+            config.use_exponential_sigmas,
+            "use_exponential_sigmas",
+            CLASS,
+        )?;
         common::reject_flag(config.use_beta_sigmas, "use_beta_sigmas", CLASS)?;
         let params = TrainParams::resolve(config, 0.00085, 0.012, false);
         let train = TrainSchedule::new(&params, true)?;

@@ -27,7 +27,11 @@ pub struct Lms {
 impl Lms {
     /// Configure for `steps` inference steps.
     pub fn new(config: &SchedulerConfig, steps: u32) -> Result<Self, SchedulerError> {
-        common::reject_flag(config.use_exponential_sigmas, "use_exponential_sigmas", CLASS)?;
+        common::reject_flag(
+            config.use_exponential_sigmas,
+            "use_exponential_sigmas",
+            CLASS,
+        )?;
         common::reject_flag(config.use_beta_sigmas, "use_beta_sigmas", CLASS)?;
         let params = TrainParams::resolve(config, 0.0001, 0.02, false);
         let train = TrainSchedule::new(&params, false)?;
@@ -65,7 +69,9 @@ impl Lms {
         let basis = |tau: f64| {
             (0..order)
                 .filter(|&k| k != current)
-                .map(|k| (tau - self.sigmas[t - k]) / (self.sigmas[t - current] - self.sigmas[t - k]))
+                .map(|k| {
+                    (tau - self.sigmas[t - k]) / (self.sigmas[t - current] - self.sigmas[t - k])
+                })
                 .product::<f64>()
         };
         gauss_legendre_4(basis, self.sigmas[t], self.sigmas[t + 1])

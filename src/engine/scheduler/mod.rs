@@ -1,13 +1,21 @@
-//! Diffusion schedulers, one file each behind the [`Scheduler`] trait.
+//! Diffusion schedulers, one file each behind the [`Scheduler`] trait, numerically equal to
+//! diffusers 0.42.
 //!
-//! Every scheduler is built from a [`SchedulerConfig`]: the model's
+//! Every scheduler is built by [`build`] from a [`SchedulerConfig`]: the model's
 //! `scheduler/scheduler_config.json` (whatever class wrote it), overlaid with per-request
 //! [`SchedulerOverrides`]; a key absent from both takes the diffusers default *of the scheduler
-//! being built* (see each file). Timesteps and sigmas are computed in `f64`.
+//! being built* (see each file). Timesteps and sigmas follow diffusers' own float32/float64
+//! arithmetic (see `common`) and are returned as `f64`; sigmas are float32 values, as diffusers
+//! keeps them. Configurations diffusers accepts but this crate does not implement (thresholding,
+//! exponential/beta/flow sigmas, `sample` prediction, ...) are refused with
+//! [`SchedulerError::Unsupported`].
 //!
-//! The denoising loop calls, for each `i in 0..timesteps().len()`: `scale_model_input(sample, i)`,
-//! then the UNet at `timesteps()[i]`, then `step(model_output, i, sample, noise)`. Multi-stage
-//! solvers (Heun) list a timestep per model evaluation, as diffusers does.
+//! The denoising loop calls, for each `i in 0..timesteps().len()` in order:
+//! `scale_model_input(sample, i)`, then the UNet at `timesteps()[i]`, then
+//! `step(model_output, i, sample, noise)`. Multi-stage solvers (Heun) list a timestep per model
+//! evaluation, as diffusers does. Stochastic schedulers (Euler a, the SDE DPM-Solver) draw one
+//! standard normal value per latent element from `noise` at each step, at the point where
+//! diffusers calls `randn_tensor`.
 
 mod common;
 mod config;
@@ -104,6 +112,9 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &mut [f32], index: usize);
     /// Advance `sample` in place given the model output at evaluation `index`. `noise` supplies
     /// per-image noise for stochastic schedulers (one stream per image, image-major layout).
+    ///
+    /// Multistep schedulers keep the previous outputs, so `step` must be called once for every
+    /// index from 0 upwards, with `model_output` as long as `sample`.
     fn step(
         &mut self,
         model_output: &[f32],

@@ -34,7 +34,11 @@ impl UniPc {
     /// Configure for `steps` inference steps.
     pub fn new(config: &SchedulerConfig, steps: u32) -> Result<Self, SchedulerError> {
         common::reject_flag(config.thresholding, "thresholding", CLASS)?;
-        common::reject_flag(config.use_exponential_sigmas, "use_exponential_sigmas", CLASS)?;
+        common::reject_flag(
+            config.use_exponential_sigmas,
+            "use_exponential_sigmas",
+            CLASS,
+        )?;
         common::reject_flag(config.use_beta_sigmas, "use_beta_sigmas", CLASS)?;
         common::reject_flag(config.use_flow_sigmas, "use_flow_sigmas", CLASS)?;
         common::reject_flag(config.use_dynamic_shifting, "use_dynamic_shifting", CLASS)?;
@@ -188,7 +192,11 @@ impl UniPc {
                 let mk = self.outputs[n - 2 - k][i];
                 res += rho * ((mk - m0[i]) / c.rks[k]);
             }
-            *x = if rhos.is_empty() { base } else { base - scale * res };
+            *x = if rhos.is_empty() {
+                base
+            } else {
+                base - scale * res
+            };
         }
     }
 
@@ -236,7 +244,11 @@ impl Coeffs {
     /// The top-left `size × size` block of R, where `R[p][k] = r_k^p`.
     fn matrix(&self, size: usize) -> Vec<Vec<f64>> {
         (0..size)
-            .map(|p| (0..size).map(|k| (self.rks[k] as f64).powi(p as i32)).collect())
+            .map(|p| {
+                (0..size)
+                    .map(|k| (self.rks[k] as f64).powi(p as i32))
+                    .collect()
+            })
             .collect()
     }
 }
@@ -258,10 +270,12 @@ fn solve(a: &[Vec<f64>], b: &[f32]) -> Vec<f32> {
             .max_by(|&i, &j| m[i][col].abs().total_cmp(&m[j][col].abs()))
             .unwrap_or(col);
         m.swap(col, pivot);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let (top, rest) = m.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for row in rest.iter_mut() {
+            let f = row[col] / pivot_row[col];
+            for (v, p) in row.iter_mut().zip(pivot_row).skip(col) {
+                *v -= f * p;
             }
         }
     }
@@ -312,6 +326,25 @@ impl Scheduler for UniPc {
         self.predict(index, sample, self.this_order);
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::solve;
+
+    #[test]
+    fn solve_needs_pivoting_and_gets_it() {
+        // The first pivot is zero: without row exchange this would divide by zero.
+        let a = vec![
+            vec![0.0, 1.0, 1.0],
+            vec![1.0, 0.0, 1.0],
+            vec![1.0, 1.0, 0.0],
+        ];
+        let x = solve(&a, &[5.0, 4.0, 3.0]);
+        for (got, want) in x.iter().zip([1.0f32, 2.0, 3.0]) {
+            assert!((got - want).abs() < 1e-6, "{x:?}");
         }
     }
 }
