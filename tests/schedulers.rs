@@ -204,21 +204,14 @@ fn euler_config() -> Value {
 #[test]
 fn absent_keys_take_the_built_class_defaults() {
     let base = SchedulerConfig::from_json(&euler_config()).unwrap();
-    // The Euler config has no clip_sample: DDIM's default (clip to [-1, 1]) applies.
-    let run = |config: &SchedulerConfig| {
-        let mut s = scheduler::build(SchedulerKind::Ddim, config, 10).unwrap();
-        let mut sample = vec![30.0f32, -30.0, 0.1, 0.0];
-        let out = vec![0.0f32; 4];
-        s.step(&out, 0, &mut sample, &mut BatchNoise::from_seeds(&[1]));
-        sample
-    };
+    // The Euler config has no clip_sample: DDIM's default (clip x0 to [-1, 1]) applies.
     let mut no_clip = euler_config();
     no_clip["clip_sample"] = json!(false);
     let mut clip = euler_config();
     clip["clip_sample"] = json!(true);
-    let default = run(&base);
-    assert_eq!(default, run(&SchedulerConfig::from_json(&clip).unwrap()));
-    assert_ne!(default, run(&SchedulerConfig::from_json(&no_clip).unwrap()));
+    let default = ddim_step(&euler_config(), 0);
+    assert_eq!(default, ddim_step(&clip, 0));
+    assert_ne!(default, ddim_step(&no_clip, 0));
 
     // Keys the config does carry are used by every class: leading spacing with offset 1.
     let ddim = scheduler::build(SchedulerKind::Ddim, &base, 10).unwrap();
@@ -232,6 +225,50 @@ fn absent_keys_take_the_built_class_defaults() {
     let euler = scheduler::build(SchedulerKind::Euler, &bare, 10).unwrap();
     assert_eq!(ddim.timesteps()[0], 901.0);
     assert_eq!(euler.timesteps()[0], 999.0);
+}
+
+/// One DDIM step from a fixed sample with a zero model output, for comparing configurations.
+fn ddim_step(json: &Value, index: usize) -> Vec<f32> {
+    let config = SchedulerConfig::from_json(json).unwrap();
+    let mut s = scheduler::build(SchedulerKind::Ddim, &config, 10).unwrap();
+    let mut sample = vec![30.0f32, -30.0, 0.1, 0.0];
+    let out = vec![0.0f32; 4];
+    s.step(&out, index, &mut sample, &mut BatchNoise::from_seeds(&[1]));
+    sample
+}
+
+#[test]
+fn keys_written_by_another_class_are_used() {
+    // SDXL base as published: an Euler config that also carries DDIM/PNDM keys.
+    let hub = json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "_diffusers_version": "0.19.0.dev0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": false,
+        "interpolation_type": "linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "trained_betas": null,
+        "use_karras_sigmas": false
+    });
+    let mut explicit = euler_config();
+    explicit["clip_sample"] = json!(false);
+    explicit["set_alpha_to_one"] = json!(false);
+    // The last step lands on the final alpha, which set_alpha_to_one decides.
+    assert_eq!(ddim_step(&hub, 9), ddim_step(&explicit, 9));
+    assert_ne!(ddim_step(&hub, 9), ddim_step(&euler_config(), 9));
+
+    // Keys diffusers recorded as "defaults of the writing class" fall back to the built class.
+    let mut recorded = hub.clone();
+    recorded["_use_default_values"] = json!(["clip_sample", "set_alpha_to_one"]);
+    assert_eq!(ddim_step(&recorded, 9), ddim_step(&euler_config(), 9));
 }
 
 #[test]
