@@ -1,0 +1,75 @@
+//! Shared helpers of the engine tests: fixture paths, the tiny pipeline on CPU, golden cases.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sdxl_worker::engine::{
+    Device, Engine, EngineOptions, GenerateRequest, SchedulerKind, SchedulerOverrides,
+};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn tiny_model_dir() -> PathBuf {
+    fixtures().join("tiny-sdxl")
+}
+
+/// The tiny pipeline on CPU, loaded once per test binary.
+pub fn tiny_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let options = EngineOptions {
+            device: Device::Cpu,
+            intra_threads: Some(1),
+        };
+        Engine::load(tiny_model_dir(), &options).expect("load the tiny pipeline")
+    })
+}
+
+/// A small valid request for the tiny pipeline.
+pub fn basic_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        prompt_2: None,
+        negative_prompt: Some("blurry".into()),
+        negative_prompt_2: None,
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance_scale: 5.0,
+        guidance_rescale: 0.0,
+        scheduler: SchedulerKind::Euler,
+        scheduler_overrides: SchedulerOverrides::default(),
+        seed: 7,
+        num_images: 1,
+        original_size: None,
+        crops_coords_top_left: (0, 0),
+        target_size: None,
+        initial_latents: None,
+    }
+}
+
+/// Little-endian f32 values of a file.
+pub fn read_f32(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Decode an 8-bit RGB PNG into (width, height, pixels).
+pub fn read_png_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("buffer size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    assert_eq!(info.bit_depth, png::BitDepth::Eight, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
