@@ -73,3 +73,39 @@ pub fn read_png_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
     buf.truncate(info.buffer_size());
     (info.width, info.height, buf)
 }
+
+pub mod onnx;
+
+/// A copy of the tiny pipeline in a temporary directory: every entry is a symbolic link to the
+/// fixture except the component directories named in `copy`, which are copied so that a test
+/// can change them.
+pub fn model_copy(copy: &[&str]) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let src = tiny_model_dir();
+    for entry in std::fs::read_dir(&src).expect("read fixture") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name();
+        let dest = tmp.path().join(&name);
+        if copy.iter().any(|c| name.to_str() == Some(*c)) {
+            std::fs::create_dir(&dest).expect("mkdir");
+            for f in std::fs::read_dir(entry.path()).expect("read component") {
+                let f = f.expect("file");
+                std::fs::copy(f.path(), dest.join(f.file_name())).expect("copy");
+            }
+        } else {
+            std::os::unix::fs::symlink(entry.path(), &dest).expect("symlink");
+        }
+    }
+    tmp
+}
+
+/// Load a model directory on CPU.
+pub fn load(dir: &Path) -> Result<Engine, sdxl_worker::engine::EngineError> {
+    Engine::load(
+        dir,
+        &EngineOptions {
+            device: Device::Cpu,
+            intra_threads: Some(1),
+        },
+    )
+}
