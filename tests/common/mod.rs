@@ -16,15 +16,26 @@ pub fn tiny_model_dir() -> PathBuf {
     fixtures().join("tiny-sdxl")
 }
 
-/// The tiny pipeline on CPU, loaded once per test binary.
+/// The device tests run on: `SDXL_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), CPU by default.
+pub fn test_device() -> Device {
+    match std::env::var("SDXL_TEST_DEVICE") {
+        Ok(v) if !v.is_empty() => v.parse().expect("SDXL_TEST_DEVICE"),
+        _ => Device::Cpu,
+    }
+}
+
+fn test_options() -> EngineOptions {
+    EngineOptions {
+        device: test_device(),
+        intra_threads: Some(1),
+    }
+}
+
+/// The tiny pipeline on the test device, loaded once per test binary.
 pub fn tiny_engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        let options = EngineOptions {
-            device: Device::Cpu,
-            intra_threads: Some(1),
-        };
-        Engine::load(tiny_model_dir(), &options).expect("load the tiny pipeline")
+        Engine::load(tiny_model_dir(), &test_options()).expect("load the tiny pipeline")
     })
 }
 
@@ -99,13 +110,7 @@ pub fn model_copy(copy: &[&str]) -> tempfile::TempDir {
     tmp
 }
 
-/// Load a model directory on CPU.
+/// Load a model directory on the test device.
 pub fn load(dir: &Path) -> Result<Engine, sdxl_worker::engine::EngineError> {
-    Engine::load(
-        dir,
-        &EngineOptions {
-            device: Device::Cpu,
-            intra_threads: Some(1),
-        },
-    )
+    Engine::load(dir, &test_options())
 }
