@@ -1,4 +1,4 @@
-//! Shared helpers of the engine tests: fixture paths, the tiny pipeline on CPU, golden cases.
+//! What the engine tests share: fixture paths, the tiny pipeline on the test device, file readers.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
