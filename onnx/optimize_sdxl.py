@@ -5,7 +5,8 @@ layout with every graph fused by `onnxruntime.transformers.optimizer` and conver
 
 - `unet` (model type "unet"): MultiHeadAttention with packed QKV / KV, GroupNorm,
   SkipGroupNorm, BiasSplitGelu, NhwcConv, BiasAdd, LayerNormalization fusions.
-- `text_encoder`, `text_encoder_2` (model type "clip"): attention and layer-norm fusions.
+- `text_encoder`, `text_encoder_2` (model type "clip"): layer-norm and GELU fusions (ONNX Runtime's
+  CLIP attention pattern does not match the attention graph transformers 5 exports).
 - `vae_decoder`, `vae_encoder` (model type "vae"): fused but kept float32 unless asked
   otherwise, because the stock SDXL VAE overflows float16 (NaN, black images).
 
@@ -126,8 +127,21 @@ def keep_resize_scales_float32(model):
     return fixed
 
 
-def optimize_component(src_path, model_type, float16):
-    """Fuse one graph (and convert it to float16); returns the ONNX Runtime OnnxModel."""
+# The CUDA kernel of BiasSplitGelu only handles these widths (the GEGLU projections of SD and
+# SDXL); any other width fails at run time, so the fusion is skipped for such models.
+BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 6144, 10240, 12288)
+
+
+def _bias_split_gelu_widths(model):
+    widths = set()
+    for node in model.model.graph.node:
+        if node.op_type == "BiasSplitGelu":
+            bias = model.get_initializer(node.input[1])
+            widths.add(int(np.prod(bias.dims)) if bias is not None else -1)
+    return widths
+
+
+def _fuse(src_path, model_type, float16, bias_split_gelu=True):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -136,7 +150,8 @@ def optimize_component(src_path, model_type, float16):
         # Packed QKV/KV only pay off (and are only supported) with float16 on CUDA.
         options.enable_packed_qkv = float16
         options.enable_packed_kv = float16
-    model = optimize_model(
+    options.enable_bias_splitgelu = bias_split_gelu
+    return optimize_model(
         src_path,
         model_type=model_type,
         num_heads=0,
@@ -145,6 +160,15 @@ def optimize_component(src_path, model_type, float16):
         optimization_options=options,
         use_gpu=True,
     )
+
+
+def optimize_component(src_path, model_type, float16, log=print):
+    """Fuse one graph (and convert it to float16); returns the ONNX Runtime OnnxModel."""
+    model = _fuse(src_path, model_type, float16)
+    unsupported = _bias_split_gelu_widths(model) - set(BIAS_SPLIT_GELU_WIDTHS)
+    if unsupported:
+        log(f"BiasSplitGelu widths {sorted(unsupported)} have no CUDA kernel: fusing without it")
+        model = _fuse(src_path, model_type, float16, bias_split_gelu=False)
     if float16:
         # No op block list: keeping fused operators in float32 would surround each with Casts.
         model.convert_float_to_float16(keep_io_types=False, op_block_list=[])
@@ -175,7 +199,7 @@ def optimize_export(src_dir, out_dir, fp16_vae=False, log=print):
         src = os.path.join(src_dir, name, "model.onnx")
         float16 = fp16_vae or name not in VAE_COMPONENTS
         log(f"optimizing {name} ({model_type}, {'float16' if float16 else 'float32'})")
-        model = optimize_component(src, model_type, float16)
+        model = optimize_component(src, model_type, float16, log=log)
         bad = {n: t for n, t in resize_scale_types(model.model).items() if t != TensorProto.FLOAT}
         if bad:
             raise RuntimeError(f"{name}: Resize scales not float32: {bad}")

@@ -5,6 +5,7 @@
 //! [`GenerateRequest`] and get back images and timings.
 
 mod error;
+pub mod guidance;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
@@ -172,4 +173,25 @@ pub struct GenerateOutput {
     /// Final latents before VAE scaling, image-major.
     pub latents: Vec<f32>,
     pub timings: StageTimings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Engine>();
+    }
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda { index: 0 }));
+        assert_eq!("CUDA:3".parse(), Ok(Device::Cuda { index: 3 }));
+        assert!("cuda:x".parse::<Device>().is_err());
+        assert!("gpu".parse::<Device>().is_err());
+        assert_eq!(Device::Cuda { index: 1 }.to_string(), "cuda:1");
+    }
 }

@@ -361,6 +361,22 @@ impl SdxlModel {
 
     /// Cross-check sizes that several graphs must agree on, where the graphs fix them.
     fn check_consistency(&self) -> Result<(), EngineError> {
+        for (encoder, tokenizer) in [
+            (&self.text_encoder, &self.tokenizer),
+            (&self.text_encoder_2, &self.tokenizer_2),
+        ] {
+            if let Some(seq) = encoder.input_ids.fixed_dim(1) {
+                if seq != tokenizer.max_length() {
+                    return Err(encoder.component.dimension_error(
+                        "input_ids",
+                        format!(
+                            "takes {seq} tokens but the tokenizer makes {}",
+                            tokenizer.max_length()
+                        ),
+                    ));
+                }
+            }
+        }
         let unet = &self.unet;
         let widths = (
             self.text_encoder.hidden_width(),

@@ -39,7 +39,10 @@ pub fn candidate_paths(env_value: Option<&Path>) -> Vec<PathBuf> {
     let rel = Path::new(".ort").join("lib").join(library_file_name());
     out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&rel));
     if let Ok(cwd) = std::env::current_dir() {
-        out.push(cwd.join(&rel));
+        let local = cwd.join(&rel);
+        if !out.contains(&local) {
+            out.push(local);
+        }
     }
     out
 }

@@ -72,7 +72,15 @@ fn encode_one(
     session_time: &mut Duration,
 ) -> Result<EncodedText, EngineError> {
     const STAGE: &str = "text encoder";
-    let ids = tokenizer.encode(text)?;
+    let (ids, dropped) = tokenizer.encode_counting(text)?;
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            max_length = tokenizer.max_length(),
+            "prompt truncated: CLIP reads at most {} tokens",
+            tokenizer.max_length()
+        );
+    }
     let shape = [1, ids.len() as i64];
     let value = tensor::int_value(encoder.input_ids.elem, &shape, &ids).map_err(|source| {
         EngineError::Inference {

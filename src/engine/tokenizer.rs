@@ -212,28 +212,24 @@ impl ClipTokenizer {
     /// Token ids of `text`: BOS, the text's tokens (truncated to leave room), EOS, padding;
     /// always exactly [`max_length`](Self::max_length) ids.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, EngineError> {
+        self.encode_counting(text).map(|(ids, _)| ids)
+    }
+
+    /// Like [`encode`](Self::encode), also returning how many of the text's tokens were cut off.
+    pub fn encode_counting(&self, text: &str) -> Result<(Vec<i64>, usize), EngineError> {
         let encoding = self
             .inner
             .encode(text, false)
             .map_err(|source| EngineError::Tokenize { source })?;
         let room = self.max_length - 2;
-        let body = encoding.get_ids();
-        let body = &body[..body.len().min(room)];
+        let all = encoding.get_ids();
+        let body = &all[..all.len().min(room)];
         let mut ids = Vec::with_capacity(self.max_length);
         ids.push(i64::from(self.bos));
         ids.extend(body.iter().map(|&i| i64::from(i)));
         ids.push(i64::from(self.eos));
         ids.resize(self.max_length, i64::from(self.pad));
-        Ok(ids)
-    }
-
-    /// Number of tokens in `text` before truncation (without BOS/EOS).
-    pub fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|source| EngineError::Tokenize { source })?;
-        Ok(encoding.get_ids().len())
+        Ok((ids, all.len() - body.len()))
     }
 
     /// The fixed output length (77 for CLIP).
