@@ -162,16 +162,23 @@ impl Storage {
                 path_style,
                 ..
             } => {
+                if bucket.trim().is_empty() {
+                    return Err(StorageError::InvalidConfig {
+                        reason: "the S3 bucket name is empty".to_owned(),
+                        source: None,
+                    });
+                }
+                // Client options first: they replace any earlier `with_allow_http`.
                 let mut builder = AmazonS3Builder::new()
-                    .with_bucket_name(bucket)
-                    .with_region(region)
-                    .with_allow_http(*allow_http)
-                    .with_virtual_hosted_style_request(!*path_style)
                     .with_client_options(
                         ClientOptions::new()
                             .with_connect_timeout(Duration::from_secs(5))
                             .with_timeout(Duration::from_secs(60)),
                     )
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_allow_http(*allow_http)
+                    .with_virtual_hosted_style_request(!*path_style)
                     .with_retry(RetryConfig {
                         max_retries: 3,
                         retry_timeout: Duration::from_secs(30),

@@ -13,8 +13,8 @@ fn committed_schema_matches_the_generated_one() {
         std::fs::write(path, &pretty).unwrap();
         return;
     }
-    let committed: serde_json::Value = serde_json::from_str(committed_text())
-        .expect("schema/job-v1.json is not JSON");
+    let committed: serde_json::Value =
+        serde_json::from_str(committed_text()).expect("schema/job-v1.json is not JSON");
     assert_eq!(
         committed, generated,
         "schema/job-v1.json differs from the generated schema; run the tests with \

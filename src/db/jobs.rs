@@ -76,11 +76,13 @@ impl Db {
             .await
             .map_err(query_error(op))?;
         let Some(row) = row else {
+            tx.rollback().await.map_err(query_error(op))?;
             return Ok(StartOutcome::NotFound);
         };
         let state = parse_state(id, row.try_get("state").map_err(query_error(op))?)?;
         let cancel_requested: bool = row.try_get("cancel_requested").map_err(query_error(op))?;
         if state.is_terminal() {
+            tx.rollback().await.map_err(query_error(op))?;
             return Ok(StartOutcome::AlreadyTerminal(state));
         }
         if cancel_requested {
@@ -280,6 +282,7 @@ impl Db {
             .await
             .map_err(query_error(op))?;
         let Some(row) = row else {
+            tx.rollback().await.map_err(query_error(op))?;
             return Ok(CancelOutcome::NotFound);
         };
         let state = parse_state(id, row.try_get("state").map_err(query_error(op))?)?;
@@ -294,7 +297,10 @@ impl Db {
                 "UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1",
                 CancelOutcome::Requested { attempt },
             ),
-            terminal => return Ok(CancelOutcome::AlreadyTerminal(terminal)),
+            terminal => {
+                tx.rollback().await.map_err(query_error(op))?;
+                return Ok(CancelOutcome::AlreadyTerminal(terminal));
+            }
         };
         sqlx::query(sql)
             .bind(id)
