@@ -1,7 +1,6 @@
 //! The command line against the real services: `worker` (stopped with SIGTERM), `submit
 //! --wait`, `status` (including an unknown id) and `demo`, each run as the built binary.
 
-#[allow(unused_imports)]
 mod support;
 
 use std::path::Path;
