@@ -37,16 +37,22 @@ pub(crate) struct GpuConsumer {
 
 impl GpuConsumer {
     /// Opens the pull channel and starts the engine thread (the model loads with the first job).
+    /// `cpu_threads` caps ONNX Runtime's intra-op threads of a CPU consumer.
     pub async fn start(
         shared: Arc<Shared>,
         device: Device,
         nvml: Option<Arc<Nvml>>,
+        cpu_threads: Option<usize>,
     ) -> Result<GpuConsumer, WorkerError> {
         check_device(device).await?;
         let puller = shared.broker.work_puller().await?;
         let options = EngineOptions {
             device,
-            ..EngineOptions::default()
+            intra_threads: if device == Device::Cpu {
+                cpu_threads
+            } else {
+                None
+            },
         };
         let engine = EngineThread::spawn(options).map_err(|source| WorkerError::EngineThread {
             device: device.to_string(),

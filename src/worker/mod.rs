@@ -212,13 +212,26 @@ async fn start_tasks(
             DevicesSetting::Auto => auto_devices(nvml.as_deref()),
             DevicesSetting::List(devices) => devices.clone(),
         };
+        let cpu_threads = cpu_threads_per_consumer(&devices);
         for device in devices {
             let consumer =
-                consumer::GpuConsumer::start(shared.clone(), device, nvml.clone()).await?;
+                consumer::GpuConsumer::start(shared.clone(), device, nvml.clone(), cpu_threads)
+                    .await?;
             tasks.spawn(consumer.run(stop.clone()));
         }
     }
     Ok(())
+}
+
+/// With several CPU consumers, each gets an equal share of the cores for ONNX Runtime's
+/// intra-op threads instead of one thread per core each (which oversubscribes the machine).
+fn cpu_threads_per_consumer(devices: &[Device]) -> Option<usize> {
+    let cpu_consumers = devices.iter().filter(|d| **d == Device::Cpu).count();
+    if cpu_consumers < 2 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / cpu_consumers).max(1))
 }
 
 /// Waits for every task; returns the first failure.
