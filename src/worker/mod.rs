@@ -17,6 +17,7 @@ mod engine_thread;
 mod intake;
 mod process;
 mod run;
+mod settle;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -19,46 +19,15 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
-use super::engine_thread::{EngineFailure, ModelRef};
+use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
 use super::run::{self, RunOutcome, StopReason};
+use super::settle::{settle, Disposition};
 use super::WorkerError;
 use crate::broker::{DeadLetterReason, Incoming};
 use crate::db::{ImageRecord, JobMetrics, StartOutcome, INVALID_REQUEST_CODE};
 use crate::engine::png::{encode_png, PngParameters};
-use crate::engine::{EngineError, GenerateOutput, GenerateRequest};
+use crate::engine::{EngineError, GenerateRequest, GeneratedImage};
 use crate::job::{self, FieldError, JobRejection, ValidJob};
-
-/// Longest pause before a job is returned to the queue after a transient failure.
-const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
-
-/// How a message is settled.
-enum Disposition {
-    /// Done: the row says what happened (or another attempt owns it).
-    Ack,
-    /// A transient failure: return the job to the queue, or give up after the last attempt.
-    Retry {
-        id: Uuid,
-        attempt: Option<i32>,
-        error: WorkerError,
-    },
-    /// The job cannot run any more: fail the row (when there is one) and dead-letter the
-    /// message with the reason.
-    GiveUp {
-        id: Option<Uuid>,
-        attempt: Option<i32>,
-        reason: DeadLetterReason,
-    },
-}
-
-impl Disposition {
-    fn retry(id: Uuid, attempt: Option<i32>, error: impl Into<WorkerError>) -> Disposition {
-        Disposition::Retry {
-            id,
-            attempt,
-            error: error.into(),
-        }
-    }
-}
 
 /// Handles one pulled message; never panics and always settles the message.
 pub(crate) async fn handle(ctx: &ConsumerContext, message: Incoming) {
@@ -108,7 +77,26 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     }
     let queue_wait = (Utc::now() - queued_at).to_std().unwrap_or_default();
     tracing::info!(job_id = %id, attempt, device = %ctx.device, "job started");
+    let started = Started {
+        attempt,
+        queue_wait,
+        received,
+    };
+    execute(ctx, &job, started).await
+}
 
+/// A job whose attempt has started.
+struct Started {
+    attempt: i32,
+    queue_wait: Duration,
+    /// When the consumer received the message (the start of `total_ms`).
+    received: Instant,
+}
+
+/// Runs the engine and turns its outcome into a disposition.
+async fn execute(ctx: &ConsumerContext, job: &ValidJob, started: Started) -> Disposition {
+    let shared = &ctx.shared;
+    let (id, attempt) = (job.id, started.attempt);
     let Some(model) = shared.config.models.get(&job.model) else {
         let errors = [FieldError::new(
             "model",
@@ -128,40 +116,73 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
         stop,
         peak_gpu_mem_bytes,
     } = outcome;
-
-    let engine_run = match (result, stop) {
-        (_, Some(StopReason::Lost)) => {
-            tracing::info!(job_id = %id, attempt, "a newer attempt owns the job: dropping this one");
-            return Disposition::Ack;
-        }
-        (_, Some(StopReason::CancelRequested)) => {
-            return match shared.db.finish_cancelled(id, attempt).await {
-                Ok(_) => {
-                    tracing::info!(job_id = %id, "job cancelled");
-                    Disposition::Ack
-                }
-                Err(err) => Disposition::retry(id, Some(attempt), err),
+    match (result, stop) {
+        (_, Some(reason)) => stopped(ctx, id, attempt, reason).await,
+        (Ok(run), None) => {
+            let output = Output {
+                request,
+                run,
+                peak_gpu_mem_bytes,
             };
+            store(ctx, job, &started, output).await
         }
-        (_, Some(StopReason::Timeout)) => {
+        (Err(failure), None) => engine_failure(ctx, id, attempt, failure).await,
+    }
+}
+
+/// A run that was asked to stop before it finished.
+async fn stopped(ctx: &ConsumerContext, id: Uuid, attempt: i32, reason: StopReason) -> Disposition {
+    let shared = &ctx.shared;
+    match reason {
+        StopReason::Lost => {
+            tracing::info!(job_id = %id, attempt, "a newer attempt owns the job: dropping this one");
+            Disposition::Ack
+        }
+        StopReason::CancelRequested => match shared.db.finish_cancelled(id, attempt).await {
+            Ok(_) => {
+                tracing::info!(job_id = %id, "job cancelled");
+                Disposition::Ack
+            }
+            Err(err) => Disposition::retry(id, Some(attempt), err),
+        },
+        StopReason::Timeout => {
             let timeout = shared.config.worker.job_timeout_ms;
             let text = format!("the job ran longer than {timeout} ms");
-            return fail(ctx, id, attempt, "timeout", &text, None).await;
+            fail(ctx, id, attempt, "timeout", &text, None).await
         }
-        (_, Some(StopReason::Shutdown)) => {
-            return Disposition::retry(id, Some(attempt), WorkerError::ShuttingDown);
-        }
-        (Ok(run), None) => run,
-        (Err(failure), None) => return engine_failure(ctx, id, attempt, failure).await,
-    };
+        StopReason::Shutdown => Disposition::retry(id, Some(attempt), WorkerError::ShuttingDown),
+    }
+}
+
+/// What the engine produced for a job.
+struct Output {
+    request: GenerateRequest,
+    run: EngineRun,
+    peak_gpu_mem_bytes: Option<u64>,
+}
+
+/// Encodes and uploads the images, then records the result with its metrics.
+async fn store(
+    ctx: &ConsumerContext,
+    job: &ValidJob,
+    started: &Started,
+    output: Output,
+) -> Disposition {
+    let shared = &ctx.shared;
+    let (id, attempt) = (job.id, started.attempt);
+    let Output {
+        request,
+        run,
+        peak_gpu_mem_bytes,
+    } = output;
+    let timings = run.output.timings.clone();
 
     let png_started = Instant::now();
-    let encoded = encode_images(&request, &job.model, engine_run.output).await;
-    let png_time = png_started.elapsed();
-    let (output_timings, pngs) = match encoded {
-        Ok(encoded) => encoded,
+    let pngs = match encode_images(&request, &job.model, run.output.images).await {
+        Ok(pngs) => pngs,
         Err(err) => return fail(ctx, id, attempt, err.code(), &err.to_string(), None).await,
     };
+    let png_time = png_started.elapsed();
 
     let upload_started = Instant::now();
     let images = match upload(ctx, id, pngs).await {
@@ -171,10 +192,9 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     };
     let upload_time = upload_started.elapsed();
 
-    let timings = &output_timings;
     let metrics = JobMetrics {
-        queue_wait_ms: ms(queue_wait),
-        model_load_ms: engine_run.model_load.map(ms).unwrap_or(0.0),
+        queue_wait_ms: ms(started.queue_wait),
+        model_load_ms: run.model_load.map(ms).unwrap_or(0.0),
         text_encoding_ms: ms(timings.text_encoding),
         denoising_ms: ms(timings.denoising),
         step_ms: timings.per_step.iter().copied().map(ms).collect(),
@@ -182,7 +202,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
         vae_ms: ms(timings.vae_decode),
         png_ms: ms(png_time),
         upload_ms: ms(upload_time),
-        total_ms: ms(received.elapsed()),
+        total_ms: ms(started.received.elapsed()),
         peak_gpu_mem_bytes,
     };
     match shared.db.succeed(id, attempt, &images, &metrics).await {
@@ -335,37 +355,53 @@ async fn fail(
     }
 }
 
+/// Why the images could not be encoded.
+#[derive(Debug, thiserror::Error)]
+enum PngFailure {
+    #[error(transparent)]
+    Encode(EngineError),
+    #[error("PNG encoding stopped: {0}")]
+    Aborted(String),
+}
+
+impl PngFailure {
+    fn code(&self) -> &'static str {
+        match self {
+            PngFailure::Encode(err) => err.code(),
+            PngFailure::Aborted(_) => "png_encode_failed",
+        }
+    }
+}
+
 /// Encodes every image as PNG with A1111 parameters, on the blocking pool.
 async fn encode_images(
     request: &GenerateRequest,
     model: &str,
-    output: GenerateOutput,
-) -> Result<(crate::engine::StageTimings, Vec<EncodedImage>), EngineError> {
+    images: Vec<GeneratedImage>,
+) -> Result<Vec<EncodedImage>, PngFailure> {
     let request = request.clone();
     let model = model.to_owned();
     let joined = tokio::task::spawn_blocking(move || {
-        let mut encoded = Vec::with_capacity(output.images.len());
-        for image in &output.images {
-            let parameters = PngParameters::from_request(&request, image.index, Some(&model));
-            let text = parameters.to_a1111();
-            let png = encode_png(&image.rgb, image.width, image.height, Some(&text))?;
-            encoded.push(EncodedImage {
-                index: image.index,
-                seed: image.seed,
-                width: image.width,
-                height: image.height,
-                png: Bytes::from(png),
-            });
-        }
-        Ok((output.timings, encoded))
+        images
+            .into_iter()
+            .map(|image| {
+                let parameters = PngParameters::from_request(&request, image.index, Some(&model));
+                let text = parameters.to_a1111();
+                let png = encode_png(&image.rgb, image.width, image.height, Some(&text))?;
+                Ok(EncodedImage {
+                    index: image.index,
+                    seed: image.seed,
+                    width: image.width,
+                    height: image.height,
+                    png: Bytes::from(png),
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()
     })
     .await;
     match joined {
-        Ok(result) => result,
-        Err(join) => Err(EngineError::InvalidRequest {
-            field: "image",
-            message: format!("PNG encoding stopped: {join}"),
-        }),
+        Ok(result) => result.map_err(PngFailure::Encode),
+        Err(join) => Err(PngFailure::Aborted(join.to_string())),
     }
 }
 
@@ -396,99 +432,6 @@ async fn upload(
         })
     });
     futures::future::try_join_all(uploads).await
-}
-
-async fn settle(ctx: &ConsumerContext, message: &Incoming, disposition: Disposition) {
-    let shared = &ctx.shared;
-    match disposition {
-        Disposition::Ack => ack(message).await,
-        Disposition::GiveUp {
-            id,
-            attempt,
-            reason,
-        } => give_up(ctx, message, id, attempt, reason).await,
-        Disposition::Retry { id, attempt, error } => {
-            let max_attempts = i64::from(shared.config.worker.max_attempts);
-            if let Some(attempt) = attempt.filter(|a| i64::from(*a) >= max_attempts) {
-                let reason = DeadLetterReason {
-                    code: error.code().to_owned(),
-                    message: format!("gave up after {attempt} attempts: {error}"),
-                };
-                give_up(ctx, message, Some(id), Some(attempt), reason).await;
-                return;
-            }
-            tracing::warn!(job_id = %id, ?attempt, code = error.code(), error = %error, "job goes back to the queue");
-            if let Some(attempt) = attempt {
-                if let Err(err) = shared.db.requeue(id, attempt).await {
-                    tracing::warn!(job_id = %id, error = %err, "cannot mark the job queued again");
-                }
-            }
-            match error {
-                WorkerError::ShuttingDown => {}
-                WorkerError::Db(_) => super::wait_for_database(&shared.db).await,
-                _ => tokio::time::sleep(retry_pause(attempt)).await,
-            }
-            nack(message).await;
-        }
-    }
-}
-
-/// Fails the row (when there is one), dead-letters the message with the reason, then acks.
-/// Anything that cannot be written sends the message back for another try.
-async fn give_up(
-    ctx: &ConsumerContext,
-    message: &Incoming,
-    id: Option<Uuid>,
-    attempt: Option<i32>,
-    reason: DeadLetterReason,
-) {
-    let shared = &ctx.shared;
-    if let Some(id) = id {
-        if let Err(err) = shared
-            .db
-            .fail(id, attempt, &reason.code, &reason.message, None)
-            .await
-        {
-            tracing::warn!(job_id = %id, error = %err, "cannot record the failure; retrying later");
-            super::wait_for_database(&shared.db).await;
-            nack(message).await;
-            return;
-        }
-    }
-    let properties = message.properties.clone();
-    match shared
-        .broker
-        .publish_dead_letter(&message.body, properties, &reason)
-        .await
-    {
-        Ok(()) => {
-            tracing::warn!(job_id = ?id, code = %reason.code, "message dead-lettered");
-            ack(message).await;
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot dead-letter the message; retrying later");
-            tokio::time::sleep(MAX_RETRY_PAUSE).await;
-            nack(message).await;
-        }
-    }
-}
-
-async fn ack(message: &Incoming) {
-    if let Err(err) = message.ack().await {
-        tracing::warn!(error = %err, "cannot ack a job message; its redelivery will be skipped");
-    }
-}
-
-async fn nack(message: &Incoming) {
-    if let Err(err) = message.nack_requeue().await {
-        tracing::warn!(error = %err, "cannot return a job message; the broker will redeliver it");
-    }
-}
-
-/// Exponential pause before a job goes back to the queue: 0.5 s, 1 s, 2 s, ... up to 5 s.
-fn retry_pause(attempt: Option<i32>) -> Duration {
-    let exponent = attempt.unwrap_or(1).clamp(1, 5) as u32;
-    Duration::from_millis(250 * 2u64.pow(exponent)).min(MAX_RETRY_PAUSE)
 }
 
 fn ms(duration: Duration) -> f64 {
