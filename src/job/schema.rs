@@ -193,6 +193,7 @@ pub fn examples() -> Vec<Value> {
             "prompt": "portrait of an astronaut, studio lighting",
             "prompt_2": "highly detailed, 85mm",
             "negative_prompt": "blurry, low quality",
+            "negative_prompt_2": "text, watermark",
             "width": 832,
             "height": 1216,
             "steps": 25,
