@@ -42,7 +42,16 @@ fn codes(message: &Value) -> Vec<(String, String)> {
 }
 
 fn codes_with(message: &Value, limits: &Limits) -> Vec<(String, String)> {
-    match check_with(message, limits) {
+    codes_with_models(message, limits, &ModelsConfig::default())
+}
+
+fn codes_with_models(
+    message: &Value,
+    limits: &Limits,
+    models: &ModelsConfig,
+) -> Vec<(String, String)> {
+    let body = serde_json::to_vec(message).unwrap();
+    match parse_and_validate(&body, limits, models) {
         Err(JobRejection::Invalid { id, errors }) => {
             assert_eq!(id.to_string(), ID);
             errors.into_iter().map(|e| (e.field, e.code)).collect()
@@ -70,7 +79,8 @@ fn a_minimal_message_gets_every_default() {
     let job = check(&base()).unwrap();
     assert_eq!(job.id.to_string(), ID);
     assert_eq!(job.model, "tiny-sdxl");
-    assert_eq!((job.width, job.height, job.steps), (1024, 1024, 30));
+    // tiny-sdxl's configured default size; models without one get 1024x1024.
+    assert_eq!((job.width, job.height, job.steps), (64, 64, 30));
     assert_eq!((job.num_images, job.priority), (1, 0));
     assert_eq!(job.scheduler, SchedulerKind::Euler);
     assert!(job.seed < 1 << 32, "drawn seeds are 32-bit");
@@ -165,7 +175,7 @@ fn null_means_absent() {
     ))
     .unwrap();
     assert_eq!(job.message.negative_prompt, None);
-    assert_eq!(job.width, 1024);
+    assert_eq!(job.width, 64);
     assert_eq!(
         codes(&with(json!({ "prompt": null }))),
         pair("prompt", "missing")
@@ -430,10 +440,12 @@ fn limits_are_configurable() {
         codes_with(&message, &limits),
         pair("width", "too_many_pixels")
     );
-    // Height alone given: the default width is 1024, so height is the field at fault.
+    // Height alone given, with a model whose default width is 1024: height is at fault.
+    let mut models = ModelsConfig::default();
+    models.models[0].default_width = None;
     let message = with(json!({ "height": 1536 }));
     assert_eq!(
-        codes_with(&message, &limits),
+        codes_with_models(&message, &limits, &models),
         pair("height", "too_many_pixels")
     );
     let message = with(json!({ "prompt": "twenty-one characters" }));
@@ -458,6 +470,10 @@ fn the_model_default_size_applies() {
     let body = serde_json::to_vec(&base()).unwrap();
     let job = parse_and_validate(&body, &Limits::default(), &models).unwrap();
     assert_eq!((job.width, job.height), (512, 768));
+    models.models[0].default_width = None;
+    models.models[0].default_height = None;
+    let job = parse_and_validate(&body, &Limits::default(), &models).unwrap();
+    assert_eq!((job.width, job.height), (1024, 1024));
 }
 
 #[test]
