@@ -259,6 +259,52 @@ async fn invalid_messages_get_a_failed_row_with_field_errors() {
 }
 
 #[tokio::test]
+async fn nul_characters_from_bad_messages_are_stored_replaced() {
+    let t = TestDb::new("nul").await;
+    let id = Uuid::new_v4();
+    let body = json!({ "version": 1, "id": id.to_string(), "bad\u{0}key": "v\u{0}" });
+    let errors = vec![FieldError::new(
+        "bad\u{0}key",
+        "unknown_field",
+        "not a field",
+    )];
+    t.db.insert_invalid(id, &body, &errors).await.unwrap();
+    let row = t.db.get(id).await.unwrap().unwrap();
+    assert_eq!(row.request["bad\u{fffd}key"], json!("v\u{fffd}"));
+    assert_eq!(
+        row.error_details.unwrap()["errors"][0]["field"],
+        json!("bad\u{fffd}key")
+    );
+}
+
+#[tokio::test]
+async fn listing_recent_jobs_by_state() {
+    let t = TestDb::new("list").await;
+    let db = &t.db;
+    db.ping().await.unwrap();
+    let first = valid_job(json!({}));
+    let second = valid_job(json!({}));
+    db.insert_queued(&first).await.unwrap();
+    // Distinct creation times, whatever the clock's resolution.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    db.insert_queued(&second).await.unwrap();
+    start(db, second.id, "w").await;
+
+    let all: Vec<Uuid> = db
+        .list(None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, vec![second.id, first.id], "newest first");
+    let queued = db.list(Some(JobState::Queued), 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].id, first.id);
+    assert_eq!(db.list(None, 1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn retryable_failures_requeue_and_final_failures_record_the_error() {
     let t = TestDb::new("retry").await;
     let db = &t.db;

@@ -359,6 +359,16 @@ fn every_field_error_has_its_code() {
             "metadata",
             "too_large",
         ),
+        (
+            json!({ "prompt": "nul\u{0}byte" }),
+            "prompt",
+            "invalid_value",
+        ),
+        (
+            json!({ "metadata": { "k": ["a\u{0}"] } }),
+            "metadata",
+            "invalid_value",
+        ),
         (json!({ "sampler": "Euler a" }), "sampler", "unknown_field"),
         (
             json!({ "output_key": "../../etc/passwd" }),

@@ -7,7 +7,8 @@
 //!
 //! A few rules cannot be written in JSON Schema and are checked only by the validator: the
 //! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
-//! 64 bits, a prompt of only white space, and scheduler names in another letter case.
+//! 64 bits, a prompt of only white space, NUL characters in text (Postgres cannot store them),
+//! and scheduler names in another letter case.
 
 use serde_json::{json, Value};
 
