@@ -4,13 +4,52 @@
 //! This module knows nothing of RabbitMQ, Postgres or object storage: callers hand it a
 //! [`GenerateRequest`] and get back images and timings.
 
+mod error;
+pub mod guidance;
+pub mod model;
 pub mod noise;
+pub mod pipeline;
+pub mod png;
+pub mod runtime;
 pub mod scheduler;
+pub mod session;
+pub mod tensor;
+pub mod text;
+pub mod tokenizer;
+pub mod vae;
 
 use std::ops::ControlFlow;
 use std::time::Duration;
 
+pub use error::EngineError;
+pub use model::SdxlModel;
+pub use pipeline::RunShape;
 pub use scheduler::{PredictionType, SchedulerKind, SchedulerOverrides, TimestepSpacing};
+
+/// How an [`Engine`] is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub device: Device,
+    /// Threads inside one operator on CPU (`None`: ONNX Runtime's default, one per core).
+    pub intra_threads: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            intra_threads: None,
+        }
+    }
+}
+
+/// A loaded SDXL pipeline, ready to generate. Load it once per device and reuse it; `generate`
+/// may be called from several threads (each graph runs one evaluation at a time).
+#[derive(Debug)]
+pub struct Engine {
+    model: SdxlModel,
+    options: EngineOptions,
+}
 
 /// Where an engine runs its ONNX Runtime sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -20,6 +59,39 @@ pub enum Device {
     Cpu,
     /// The CUDA execution provider on GPU `index` (as CUDA numbers devices).
     Cuda { index: u32 },
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda { index } => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("cpu") {
+            return Ok(Device::Cpu);
+        }
+        let lower = s.to_ascii_lowercase();
+        match lower.strip_prefix("cuda") {
+            Some("") => Ok(Device::Cuda { index: 0 }),
+            Some(rest) => rest
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<u32>().ok())
+                .map(|index| Device::Cuda { index })
+                .ok_or_else(|| format!("invalid device {s:?}: expected cpu, cuda or cuda:N")),
+            None => Err(format!(
+                "invalid device {s:?}: expected cpu, cuda or cuda:N"
+            )),
+        }
+    }
 }
 
 /// A text-to-image request as the engine sees it (already validated by the caller).
@@ -75,6 +147,12 @@ pub struct StageTimings {
     /// Time inside ONNX Runtime's `Session::run` during denoising.
     pub denoising_session_run: Duration,
     pub vae_decode: Duration,
+    /// Time inside `Session::run` for each step (same order as `per_step`).
+    pub per_step_session_run: Vec<Duration>,
+    /// Time inside `Session::run` during text encoding.
+    pub text_encoding_session_run: Duration,
+    /// Time inside `Session::run` during VAE decoding.
+    pub vae_decode_session_run: Duration,
 }
 
 /// One decoded image.
@@ -95,4 +173,25 @@ pub struct GenerateOutput {
     /// Final latents before VAE scaling, image-major.
     pub latents: Vec<f32>,
     pub timings: StageTimings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Engine>();
+    }
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda { index: 0 }));
+        assert_eq!("CUDA:3".parse(), Ok(Device::Cuda { index: 3 }));
+        assert!("cuda:x".parse::<Device>().is_err());
+        assert!("gpu".parse::<Device>().is_err());
+        assert_eq!(Device::Cuda { index: 1 }.to_string(), "cuda:1");
+    }
 }

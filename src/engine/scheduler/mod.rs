@@ -1,15 +1,104 @@
-//! Diffusion schedulers, one file each behind the [`Scheduler`] trait.
+//! Diffusion schedulers, one file each behind the [`Scheduler`] trait, numerically equal to
+//! diffusers 0.42.
 //!
-//! Every scheduler is built from a [`SchedulerConfig`]: the model's
+//! Every scheduler is built by [`build`] from a [`SchedulerConfig`]: the model's
 //! `scheduler/scheduler_config.json` (whatever class wrote it), overlaid with per-request
 //! [`SchedulerOverrides`]; a key absent from both takes the diffusers default *of the scheduler
-//! being built* (see each file). Timesteps and sigmas are computed in `f64`.
+//! being built* (see each file). Timesteps and sigmas follow diffusers' own float32/float64
+//! arithmetic (see `common`) and are returned as `f64`; sigmas are float32 values, as diffusers
+//! keeps them. Configurations diffusers accepts but this crate does not implement (thresholding,
+//! exponential/beta/flow sigmas, `sample` prediction, ...) are refused with
+//! [`SchedulerError::Unsupported`].
 //!
-//! The denoising loop calls, for each `i in 0..timesteps().len()`: `scale_model_input(sample, i)`,
-//! then the UNet at `timesteps()[i]`, then `step(model_output, i, sample, noise)`. Multi-stage
-//! solvers (Heun) list a timestep per model evaluation, as diffusers does.
+//! The denoising loop calls, for each `i in 0..timesteps().len()` in order:
+//! `scale_model_input(sample, i)`, then the UNet at `timesteps()[i]`, then
+//! `step(model_output, i, sample, noise)`. Multi-stage solvers (Heun) list a timestep per model
+//! evaluation, as diffusers does. Stochastic schedulers (Euler a, the SDE DPM-Solver) draw one
+//! standard normal value per latent element from `noise` at each step, at the point where
+//! diffusers calls `randn_tensor`.
+
+mod common;
+mod config;
+mod ddim;
+mod dpm_multistep;
+mod euler;
+mod euler_ancestral;
+mod heun;
+mod lms;
+mod unipc;
+
+pub use config::{BetaSchedule, FinalSigmasType, InterpolationType, SchedulerConfig, TimestepType};
 
 use crate::engine::noise::BatchNoise;
+
+/// Why a scheduler could not be configured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SchedulerError {
+    /// A configuration value is malformed or out of range.
+    #[error("invalid scheduler configuration `{key}`: {reason}")]
+    InvalidConfig { key: &'static str, reason: String },
+    /// A configuration value is valid for diffusers but not implemented here.
+    #[error("unsupported scheduler configuration `{key}` = {value}: {reason}")]
+    Unsupported {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The number of inference steps cannot be laid out with this configuration.
+    #[error("invalid number of inference steps {steps}: {reason}")]
+    InvalidSteps { steps: u32, reason: String },
+}
+
+impl SchedulerError {
+    /// A stable, machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SchedulerError::InvalidConfig { .. } => "invalid_scheduler_config",
+            SchedulerError::Unsupported { .. } => "unsupported_scheduler_config",
+            SchedulerError::InvalidSteps { .. } => "invalid_steps",
+        }
+    }
+}
+
+/// Build scheduler `kind` from a model's configuration (overrides already applied) for a run of
+/// `steps` inference steps, as diffusers' `Cls.from_config(config, **kind_kwargs)` followed by
+/// `set_timesteps(steps)`.
+///
+/// The kinds map to diffusers as follows: `euler` EulerDiscreteScheduler, `euler_a`
+/// EulerAncestralDiscreteScheduler, `ddim` DDIMScheduler, `dpmpp_2m` DPMSolverMultistepScheduler,
+/// `dpmpp_2m_karras` the same with `use_karras_sigmas=True`, `dpmpp_2m_sde` with
+/// `algorithm_type="sde-dpmsolver++"`, `dpmpp_2m_sde_karras` with both, `unipc`
+/// UniPCMultistepScheduler, `heun` HeunDiscreteScheduler, `lms` LMSDiscreteScheduler.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    steps: u32,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    let mut config = config.clone();
+    match kind {
+        SchedulerKind::Dpmpp2mKarras => config.use_karras_sigmas = Some(true),
+        SchedulerKind::Dpmpp2mSde => config.algorithm_type = Some("sde-dpmsolver++".into()),
+        SchedulerKind::Dpmpp2mSdeKarras => {
+            config.algorithm_type = Some("sde-dpmsolver++".into());
+            config.use_karras_sigmas = Some(true);
+        }
+        _ => {}
+    }
+    Ok(match kind {
+        SchedulerKind::Euler => Box::new(euler::Euler::new(&config, steps)?),
+        SchedulerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(&config, steps)?),
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&config, steps)?),
+        SchedulerKind::Dpmpp2m
+        | SchedulerKind::Dpmpp2mKarras
+        | SchedulerKind::Dpmpp2mSde
+        | SchedulerKind::Dpmpp2mSdeKarras => {
+            Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
+        }
+        SchedulerKind::Unipc => Box::new(unipc::UniPc::new(&config, steps)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(&config, steps)?),
+    })
+}
 
 /// A denoising scheduler configured for one run of `num_inference_steps`.
 pub trait Scheduler: Send {
@@ -23,7 +112,16 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &mut [f32], index: usize);
     /// Advance `sample` in place given the model output at evaluation `index`. `noise` supplies
     /// per-image noise for stochastic schedulers (one stream per image, image-major layout).
-    fn step(&mut self, model_output: &[f32], index: usize, sample: &mut [f32], noise: &mut BatchNoise);
+    ///
+    /// Multistep schedulers keep the previous outputs, so `step` must be called once for every
+    /// index from 0 upwards, with `model_output` as long as `sample`.
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        index: usize,
+        sample: &mut [f32],
+        noise: &mut BatchNoise,
+    );
 }
 
 /// The schedulers this engine offers, by the project's id.

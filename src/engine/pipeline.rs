@@ -1,0 +1,507 @@
+//! The text-to-image run: request validation against the loaded model, prompt encoding, the
+//! denoising loop (classifier-free guidance in one UNet call per step on the batch
+//! `[negative; positive]`, as diffusers orders it) and VAE decoding.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
+
+use super::model::{SdxlModel, TimestepInput};
+use super::noise::{image_seed, BatchNoise};
+use super::runtime::SessionOptions;
+use super::scheduler::{self, Scheduler, SchedulerConfig};
+use super::session::TensorInfo;
+use super::text::{self, Conditioning, PromptTexts};
+use super::{
+    guidance, tensor, vae, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest,
+    GeneratedImage, Progress, ProgressFn, StageTimings,
+};
+
+const UNET: &str = "UNet";
+
+/// Upper bound on inference steps (diffusers' schedulers train on 1000 timesteps).
+pub const MAX_STEPS: u32 = 1000;
+
+/// The sizes of one run, derived from the request and the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShape {
+    pub images: usize,
+    pub channels: usize,
+    pub latent_h: usize,
+    pub latent_w: usize,
+    /// Whether classifier-free guidance doubles the UNet batch.
+    pub guidance: bool,
+}
+
+impl RunShape {
+    /// Values per image latent.
+    pub fn per_image(&self) -> usize {
+        self.channels * self.latent_h * self.latent_w
+    }
+
+    /// Rows of the UNet batch.
+    pub fn unet_rows(&self) -> usize {
+        if self.guidance {
+            2 * self.images
+        } else {
+            self.images
+        }
+    }
+}
+
+impl Engine {
+    /// Load the SDXL pipeline under `model_dir` with sessions on `options.device`.
+    pub fn load(model_dir: impl AsRef<Path>, options: &EngineOptions) -> Result<Self, EngineError> {
+        let session_options = SessionOptions {
+            device: options.device,
+            intra_threads: options.intra_threads,
+        };
+        let model = SdxlModel::load(model_dir.as_ref(), &session_options)?;
+        // Fail at load, not at the first request, if the scheduler configuration is unusable.
+        SchedulerConfig::from_json(&model.scheduler_config).map_err(|source| {
+            EngineError::Scheduler {
+                scheduler: "model default".to_owned(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            model,
+            options: options.clone(),
+        })
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &SdxlModel {
+        &self.model
+    }
+
+    /// The options the engine was loaded with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    /// Check a request against this model without running it.
+    pub fn validate(&self, request: &GenerateRequest) -> Result<RunShape, EngineError> {
+        let config = &self.model.config;
+        let multiple = config.size_multiple;
+        for (field, value) in [("width", request.width), ("height", request.height)] {
+            if value == 0 || value % multiple != 0 {
+                return Err(EngineError::invalid(
+                    field,
+                    format!("{value} is not a positive multiple of {multiple}, which this model requires"),
+                ));
+            }
+        }
+        let unet = &self.model.unet;
+        let latent_h = self.model.latent_side(request.height);
+        let latent_w = self.model.latent_side(request.width);
+        for (field, axis, side) in [("height", 2, latent_h), ("width", 3, latent_w)] {
+            if let Some(fixed) = unet.sample.fixed_dim(axis) {
+                if fixed != side {
+                    let pixels = fixed as u32 * self.model.vae_decoder.config.scale_factor;
+                    return Err(EngineError::invalid(
+                        field,
+                        format!("this model is exported for {pixels} only"),
+                    ));
+                }
+            }
+        }
+        if request.steps == 0 || request.steps > MAX_STEPS {
+            return Err(EngineError::invalid(
+                "steps",
+                format!("{} is not in 1..={MAX_STEPS}", request.steps),
+            ));
+        }
+        if request.num_images == 0 {
+            return Err(EngineError::invalid("num_images", "must be at least 1"));
+        }
+        if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
+            return Err(EngineError::invalid(
+                "guidance_scale",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&request.guidance_rescale) {
+            return Err(EngineError::invalid(
+                "guidance_rescale",
+                "must be between 0 and 1",
+            ));
+        }
+        let shape = RunShape {
+            images: request.num_images as usize,
+            channels: unet.latent_channels,
+            latent_h,
+            latent_w,
+            guidance: request.guidance_scale > 1.0,
+        };
+        if let Some(batch) = unet.sample.fixed_dim(0) {
+            if batch != shape.unet_rows() {
+                return Err(EngineError::invalid(
+                    "num_images",
+                    format!(
+                        "this UNet is exported for a batch of {batch} rows, the request needs {}",
+                        shape.unet_rows()
+                    ),
+                ));
+            }
+        }
+        if let Some(latents) = &request.initial_latents {
+            let expected = shape.images * shape.per_image();
+            if latents.len() != expected {
+                return Err(EngineError::invalid(
+                    "initial_latents",
+                    format!(
+                        "has {} values; {} image(s) of [{}, {}, {}] need {expected}",
+                        latents.len(),
+                        shape.images,
+                        shape.channels,
+                        latent_h,
+                        latent_w
+                    ),
+                ));
+            }
+            if latents.iter().any(|v| !v.is_finite()) {
+                return Err(EngineError::invalid(
+                    "initial_latents",
+                    "contains NaN or infinite values",
+                ));
+            }
+        }
+        Ok(shape)
+    }
+
+    /// Build the request's scheduler from the model's configuration and the request overrides.
+    pub fn scheduler_for(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Box<dyn Scheduler>, EngineError> {
+        let wrap = |source| EngineError::Scheduler {
+            scheduler: request.scheduler.id().to_owned(),
+            source,
+        };
+        let config = SchedulerConfig::from_json(&self.model.scheduler_config)
+            .map_err(wrap)?
+            .with_overrides(&request.scheduler_overrides);
+        scheduler::build(request.scheduler, &config, request.steps).map_err(wrap)
+    }
+
+    /// Run a request: encode the prompts, denoise, decode. `progress` is called after every
+    /// UNet evaluation; returning `ControlFlow::Break(())` stops with [`EngineError::Cancelled`].
+    pub fn generate(
+        &self,
+        request: &GenerateRequest,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<GenerateOutput, EngineError> {
+        let shape = self.validate(request)?;
+        let mut scheduler = self.scheduler_for(request)?;
+        let mut timings = StageTimings::default();
+
+        let started = Instant::now();
+        let texts = PromptTexts {
+            prompt: &request.prompt,
+            prompt_2: request.prompt_2.as_deref(),
+            negative_prompt: request.negative_prompt.as_deref(),
+            negative_prompt_2: request.negative_prompt_2.as_deref(),
+        };
+        let conditioning = text::encode_prompts(&self.model, &texts, shape.guidance)?;
+        timings.text_encoding = started.elapsed();
+        timings.text_encoding_session_run = conditioning.session_time;
+
+        let seeds: Vec<u64> = (0..shape.images)
+            .map(|i| image_seed(request.seed, i))
+            .collect();
+        let mut noise = BatchNoise::from_seeds(&seeds);
+        // The initial latents are always drawn, so that injected latents equal to the seeded
+        // ones leave every stream at the same place for the schedulers that draw step noise.
+        let drawn = noise.sample(shape.images * shape.per_image());
+        let mut latents = request.initial_latents.clone().unwrap_or(drawn);
+        let sigma = scheduler.init_noise_sigma() as f32;
+        latents.iter_mut().for_each(|v| *v *= sigma);
+
+        let started = Instant::now();
+        let mut loop_state = DenoiseState {
+            shape,
+            request,
+            noise: &mut noise,
+            timings: &mut timings,
+        };
+        self.denoise(
+            &mut loop_state,
+            scheduler.as_mut(),
+            &conditioning,
+            &mut latents,
+            progress,
+        )?;
+        timings.denoising = started.elapsed();
+
+        let started = Instant::now();
+        let images = self.decode_all(request, &shape, &latents, &mut timings)?;
+        timings.vae_decode = started.elapsed();
+        Ok(GenerateOutput {
+            images,
+            latents,
+            timings,
+        })
+    }
+
+    fn denoise(
+        &self,
+        state: &mut DenoiseState<'_>,
+        scheduler: &mut dyn Scheduler,
+        conditioning: &Conditioning,
+        latents: &mut [f32],
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<(), EngineError> {
+        let unet = &self.model.unet;
+        let shape = state.shape;
+        let rows = shape.unet_rows();
+        let constants = UnetConstants::new(&self.model, conditioning, state.request, &shape)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len() as u32;
+        let per_batch = shape.images * shape.per_image();
+        let sample_shape = [
+            rows as i64,
+            shape.channels as i64,
+            shape.latent_h as i64,
+            shape.latent_w as i64,
+        ];
+        let mut model_input = vec![0.0f32; rows * shape.per_image()];
+        let mut guided = vec![0.0f32; per_batch];
+        for (i, &t) in timesteps.iter().enumerate() {
+            let step_started = Instant::now();
+            model_input[..per_batch].copy_from_slice(latents);
+            scheduler.scale_model_input(&mut model_input[..per_batch], i);
+            if shape.guidance {
+                model_input.copy_within(..per_batch, per_batch);
+            }
+            let sample = tensor::float_value(unet.sample.elem, &sample_shape, &model_input)
+                .map_err(unet_err)?;
+            let timestep = timestep_value(&unet.timestep, t, rows).map_err(unet_err)?;
+            let inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+                ("sample", sample.into()),
+                ("timestep", timestep.into()),
+                (
+                    "encoder_hidden_states",
+                    (&constants.encoder_hidden_states).into(),
+                ),
+                ("text_embeds", (&constants.text_embeds).into()),
+                ("time_ids", (&constants.time_ids).into()),
+            ];
+            let result = unet.component.run(UNET, inputs, &["out_sample"])?;
+            let out = result
+                .outputs
+                .into_iter()
+                .next()
+                .map(|o| o.data)
+                .unwrap_or_default();
+            if out.len() != rows * shape.per_image() {
+                return Err(EngineError::UnexpectedOutput {
+                    stage: UNET,
+                    message: format!(
+                        "{} values, expected {}",
+                        out.len(),
+                        rows * shape.per_image()
+                    ),
+                });
+            }
+            if out.iter().any(|v| !v.is_finite()) {
+                return Err(EngineError::NonFinite {
+                    stage: UNET,
+                    hint: String::new(),
+                });
+            }
+            let noise_pred: &[f32] = if shape.guidance {
+                let (uncond, cond) = out.split_at(per_batch);
+                guidance::apply_guidance(uncond, cond, state.request.guidance_scale, &mut guided);
+                if state.request.guidance_rescale > 0.0 {
+                    guidance::rescale_guidance(
+                        &mut guided,
+                        cond,
+                        shape.per_image(),
+                        state.request.guidance_rescale,
+                    );
+                }
+                &guided
+            } else {
+                &out
+            };
+            scheduler.step(noise_pred, i, latents, state.noise);
+            state.timings.per_step.push(step_started.elapsed());
+            state.timings.per_step_session_run.push(result.session_time);
+            state.timings.denoising_session_run += result.session_time;
+            if progress(Progress {
+                step: i as u32 + 1,
+                total,
+            })
+            .is_break()
+            {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_all(
+        &self,
+        request: &GenerateRequest,
+        shape: &RunShape,
+        latents: &[f32],
+        timings: &mut StageTimings,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
+        let vae_decoder = &self.model.vae_decoder;
+        let mut images = Vec::with_capacity(shape.images);
+        for (index, chunk) in latents.chunks_exact(shape.per_image()).enumerate() {
+            let mut scaled = chunk.to_vec();
+            vae::unscale_latents(vae_decoder, &mut scaled, shape.channels);
+            let decoded = vae::decode(
+                vae_decoder,
+                &scaled,
+                shape.channels,
+                shape.latent_h,
+                shape.latent_w,
+            )?;
+            timings.vae_decode_session_run += decoded.session_time;
+            if (decoded.width, decoded.height) != (request.width, request.height) {
+                return Err(EngineError::UnexpectedOutput {
+                    stage: "VAE decoder",
+                    message: format!(
+                        "a {}x{} image for a {}x{} request",
+                        decoded.width, decoded.height, request.width, request.height
+                    ),
+                });
+            }
+            images.push(GeneratedImage {
+                index: index as u32,
+                seed: image_seed(request.seed, index),
+                width: decoded.width,
+                height: decoded.height,
+                rgb: decoded.rgb,
+            });
+        }
+        Ok(images)
+    }
+}
+
+struct DenoiseState<'a> {
+    shape: RunShape,
+    request: &'a GenerateRequest,
+    noise: &'a mut BatchNoise,
+    timings: &'a mut StageTimings,
+}
+
+fn unet_err(source: ort::Error) -> EngineError {
+    EngineError::Inference {
+        stage: UNET,
+        source,
+    }
+}
+
+/// The UNet inputs that stay the same for every step.
+struct UnetConstants {
+    encoder_hidden_states: DynValue,
+    text_embeds: DynValue,
+    time_ids: DynValue,
+}
+
+impl UnetConstants {
+    fn new(
+        model: &SdxlModel,
+        conditioning: &Conditioning,
+        request: &GenerateRequest,
+        shape: &RunShape,
+    ) -> Result<Self, EngineError> {
+        let unet = &model.unet;
+        let pos = &conditioning.positive;
+        let mut parts = Vec::new();
+        if let Some(neg) = &conditioning.negative {
+            parts.push(neg);
+        }
+        parts.push(pos);
+        let rows = shape.unet_rows();
+        let mut hidden = Vec::with_capacity(rows * pos.hidden.len());
+        let mut pooled = Vec::with_capacity(rows * pos.pooled.len());
+        for part in &parts {
+            for _ in 0..shape.images {
+                hidden.extend_from_slice(&part.hidden);
+                pooled.extend_from_slice(&part.pooled);
+            }
+        }
+        check_width(
+            unet.component.path(),
+            "encoder_hidden_states",
+            &unet.encoder_hidden_states,
+            2,
+            pos.width,
+        )?;
+        check_width(
+            unet.component.path(),
+            "text_embeds",
+            &unet.text_embeds,
+            1,
+            pos.pooled.len(),
+        )?;
+        let ids = time_ids(request);
+        let time_ids: Vec<f32> = (0..rows).flat_map(|_| ids).collect();
+        let r = rows as i64;
+        let make = |info: &TensorInfo, shape: &[i64], data: &[f32]| {
+            tensor::float_value(info.elem, shape, data).map_err(unet_err)
+        };
+        Ok(Self {
+            encoder_hidden_states: make(
+                &unet.encoder_hidden_states,
+                &[r, pos.seq as i64, pos.width as i64],
+                &hidden,
+            )?,
+            text_embeds: make(&unet.text_embeds, &[r, pos.pooled.len() as i64], &pooled)?,
+            time_ids: make(&unet.time_ids, &[r, 6], &time_ids)?,
+        })
+    }
+}
+
+fn check_width(
+    path: &Path,
+    name: &str,
+    info: &TensorInfo,
+    axis: usize,
+    actual: usize,
+) -> Result<(), EngineError> {
+    match info.fixed_dim(axis) {
+        Some(w) if w != actual => Err(EngineError::ModelSignature {
+            path: path.to_path_buf(),
+            name: name.to_owned(),
+            message: format!("is {w} wide but the text encoders give {actual}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// SDXL micro-conditioning: `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`.
+pub fn time_ids(request: &GenerateRequest) -> [f32; 6] {
+    let (oh, ow) = request
+        .original_size
+        .unwrap_or((request.height, request.width));
+    let (top, left) = request.crops_coords_top_left;
+    let (th, tw) = request
+        .target_size
+        .unwrap_or((request.height, request.width));
+    [oh, ow, top, left, th, tw].map(|v| v as f32)
+}
+
+/// The timestep input in the form the UNet declares. Integer timesteps are truncated, as a
+/// numpy cast does for older exports.
+fn timestep_value(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
+    let (info, shape, count) = match input {
+        TimestepInput::Scalar(info) => (info, vec![], 1),
+        TimestepInput::PerRow(info) => {
+            let n = info.fixed_dim(0).unwrap_or(rows);
+            (info, vec![n as i64], n)
+        }
+    };
+    if tensor::is_int(info.elem) {
+        tensor::int_value(info.elem, &shape, &vec![t as i64; count])
+    } else {
+        tensor::float_value(info.elem, &shape, &vec![t as f32; count])
+    }
+}
