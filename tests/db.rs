@@ -477,3 +477,60 @@ async fn connection_and_schema_errors_have_codes() {
         "password leaked: {err}"
     );
 }
+
+/// A role without the CREATE privilege on the database can use a schema made for it, and
+/// gets a permanent error for a schema that does not exist.
+#[tokio::test]
+async fn an_existing_schema_needs_no_create_privilege() {
+    use sqlx::{Connection, Executor};
+    let admin_url = support::database_url();
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let role = format!("r_{}", support::unique_name("limited"));
+    let schema = format!("t_{}", support::unique_name("owned"));
+    admin
+        .execute(format!("CREATE ROLE {role} LOGIN").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE SCHEMA {schema} AUTHORIZATION {role}").as_str())
+        .await
+        .unwrap();
+
+    let limited_url = admin_url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(limited_url, admin_url, "expected a URL with user postgres");
+    let cfg = DatabaseConfig {
+        url: limited_url.clone(),
+        schema: schema.clone(),
+        max_connections: 2,
+        acquire_timeout_ms: 10_000,
+    };
+    let outcome = async {
+        let db = Db::connect(&cfg).await?;
+        db.migrate().await?;
+        let job = valid_job(json!({}));
+        db.insert_queued(&job).await?;
+        let found = db.get(job.id).await?.is_some();
+        db.close().await;
+        Ok::<bool, sdxl_worker::db::DbError>(found)
+    }
+    .await;
+    let missing = Db::connect(&DatabaseConfig {
+        schema: format!("{schema}_absent"),
+        ..cfg
+    })
+    .await;
+
+    admin
+        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("DROP ROLE {role}").as_str())
+        .await
+        .unwrap();
+
+    assert!(outcome.unwrap());
+    let err = missing.unwrap_err();
+    assert_eq!(err.code(), "db_query", "{err}");
+    assert!(!err.is_retryable(), "{err}");
+}
