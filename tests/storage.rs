@@ -179,7 +179,10 @@ fn credentials_never_show_their_secrets() {
         session_token: Some("FwoGZXIvYXdzEBYaDH".to_owned()),
     };
     let debug = format!("{creds:?}");
-    assert!(!debug.contains("wJalrXUtnFEMI") && !debug.contains("FwoGZXIv"), "{debug}");
+    assert!(
+        !debug.contains("wJalrXUtnFEMI") && !debug.contains("FwoGZXIv"),
+        "{debug}"
+    );
     assert!(!debug.contains("AKIAEXAMPLEKEY"), "{debug}");
     assert!(debug.contains("AKIA****"), "{debug}");
 }
