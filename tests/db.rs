@@ -259,6 +259,52 @@ async fn invalid_messages_get_a_failed_row_with_field_errors() {
 }
 
 #[tokio::test]
+async fn nul_characters_from_bad_messages_are_stored_replaced() {
+    let t = TestDb::new("nul").await;
+    let id = Uuid::new_v4();
+    let body = json!({ "version": 1, "id": id.to_string(), "bad\u{0}key": "v\u{0}" });
+    let errors = vec![FieldError::new(
+        "bad\u{0}key",
+        "unknown_field",
+        "not a field",
+    )];
+    t.db.insert_invalid(id, &body, &errors).await.unwrap();
+    let row = t.db.get(id).await.unwrap().unwrap();
+    assert_eq!(row.request["bad\u{fffd}key"], json!("v\u{fffd}"));
+    assert_eq!(
+        row.error_details.unwrap()["errors"][0]["field"],
+        json!("bad\u{fffd}key")
+    );
+}
+
+#[tokio::test]
+async fn listing_recent_jobs_by_state() {
+    let t = TestDb::new("list").await;
+    let db = &t.db;
+    db.ping().await.unwrap();
+    let first = valid_job(json!({}));
+    let second = valid_job(json!({}));
+    db.insert_queued(&first).await.unwrap();
+    // Distinct creation times, whatever the clock's resolution.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    db.insert_queued(&second).await.unwrap();
+    start(db, second.id, "w").await;
+
+    let all: Vec<Uuid> = db
+        .list(None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, vec![second.id, first.id], "newest first");
+    let queued = db.list(Some(JobState::Queued), 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].id, first.id);
+    assert_eq!(db.list(None, 1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn retryable_failures_requeue_and_final_failures_record_the_error() {
     let t = TestDb::new("retry").await;
     let db = &t.db;
@@ -430,4 +476,61 @@ async fn connection_and_schema_errors_have_codes() {
         !err.to_string().contains("hunter2"),
         "password leaked: {err}"
     );
+}
+
+/// A role without the CREATE privilege on the database can use a schema made for it, and
+/// gets a permanent error for a schema that does not exist.
+#[tokio::test]
+async fn an_existing_schema_needs_no_create_privilege() {
+    use sqlx::{Connection, Executor};
+    let admin_url = support::database_url();
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let role = format!("r_{}", support::unique_name("limited"));
+    let schema = format!("t_{}", support::unique_name("owned"));
+    admin
+        .execute(format!("CREATE ROLE {role} LOGIN").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE SCHEMA {schema} AUTHORIZATION {role}").as_str())
+        .await
+        .unwrap();
+
+    let limited_url = admin_url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(limited_url, admin_url, "expected a URL with user postgres");
+    let cfg = DatabaseConfig {
+        url: limited_url.clone(),
+        schema: schema.clone(),
+        max_connections: 2,
+        acquire_timeout_ms: 10_000,
+    };
+    let outcome = async {
+        let db = Db::connect(&cfg).await?;
+        db.migrate().await?;
+        let job = valid_job(json!({}));
+        db.insert_queued(&job).await?;
+        let found = db.get(job.id).await?.is_some();
+        db.close().await;
+        Ok::<bool, sdxl_worker::db::DbError>(found)
+    }
+    .await;
+    let missing = Db::connect(&DatabaseConfig {
+        schema: format!("{schema}_absent"),
+        ..cfg
+    })
+    .await;
+
+    admin
+        .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("DROP ROLE {role}").as_str())
+        .await
+        .unwrap();
+
+    assert!(outcome.unwrap());
+    let err = missing.unwrap_err();
+    assert_eq!(err.code(), "db_query", "{err}");
+    assert!(!err.is_retryable(), "{err}");
 }

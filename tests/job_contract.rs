@@ -1,8 +1,490 @@
 //! The job message contract: validation codes for every kind of invalid message, the committed
-//! JSON Schema against the types and validator, and the schema's examples.
+//! JSON Schema against the types and the validator, and the schema's examples.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use sdxl_worker::config::{Limits, ModelsConfig};
-use sdxl_worker::job::schema::{committed_text, json_schema, SCHEMA_PATH};
+use sdxl_worker::engine::{SchedulerKind, TimestepSpacing};
+use sdxl_worker::job::schema::{committed_text, examples, json_schema, SCHEMA_PATH};
+use sdxl_worker::job::{
+    parse_and_validate, validate_message, JobMessage, JobRejection, ValidJob, FIELDS,
+    SCHEDULER_OPTION_FIELDS,
+};
+use serde_json::{json, Value};
+
+const ID: &str = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
+
+fn base() -> Value {
+    json!({ "version": 1, "id": ID, "prompt": "a cat wearing a hat" })
+}
+
+fn with(patch: Value) -> Value {
+    let mut message = base();
+    for (k, v) in patch.as_object().unwrap() {
+        message[k] = v.clone();
+    }
+    message
+}
+
+fn check(message: &Value) -> Result<ValidJob, JobRejection> {
+    check_with(message, &Limits::default())
+}
+
+fn check_with(message: &Value, limits: &Limits) -> Result<ValidJob, JobRejection> {
+    let body = serde_json::to_vec(message).unwrap();
+    parse_and_validate(&body, limits, &ModelsConfig::default())
+}
+
+/// The (field, code) pairs of an invalid message.
+fn codes(message: &Value) -> Vec<(String, String)> {
+    codes_with(message, &Limits::default())
+}
+
+fn codes_with(message: &Value, limits: &Limits) -> Vec<(String, String)> {
+    codes_with_models(message, limits, &ModelsConfig::default())
+}
+
+fn codes_with_models(
+    message: &Value,
+    limits: &Limits,
+    models: &ModelsConfig,
+) -> Vec<(String, String)> {
+    let body = serde_json::to_vec(message).unwrap();
+    match parse_and_validate(&body, limits, models) {
+        Err(JobRejection::Invalid { id, errors }) => {
+            assert_eq!(id.to_string(), ID);
+            errors.into_iter().map(|e| (e.field, e.code)).collect()
+        }
+        other => panic!("expected Invalid for {message}, got {other:?}"),
+    }
+}
+
+fn pair(field: &str, code: &str) -> Vec<(String, String)> {
+    vec![(field.to_owned(), code.to_owned())]
+}
+
+fn unreadable(body: &[u8]) -> &'static str {
+    match parse_and_validate(body, &Limits::default(), &ModelsConfig::default()) {
+        Err(JobRejection::Unreadable { code, .. }) => code,
+        other => panic!(
+            "expected Unreadable for {:?}, got {other:?}",
+            String::from_utf8_lossy(body)
+        ),
+    }
+}
+
+#[test]
+fn a_minimal_message_gets_every_default() {
+    let job = check(&base()).unwrap();
+    assert_eq!(job.id.to_string(), ID);
+    assert_eq!(job.model, "tiny-sdxl");
+    // tiny-sdxl's configured default size; models without one get 1024x1024.
+    assert_eq!((job.width, job.height, job.steps), (64, 64, 30));
+    assert_eq!((job.num_images, job.priority), (1, 0));
+    assert_eq!(job.scheduler, SchedulerKind::Euler);
+    assert!(job.seed < 1 << 32, "drawn seeds are 32-bit");
+    let m = &job.message;
+    assert_eq!(m.seed, Some(job.seed), "the drawn seed is recorded");
+    assert_eq!(m.guidance_scale, Some(5.0));
+    assert_eq!(m.guidance_rescale, Some(0.0));
+    assert_eq!(m.scheduler.as_deref(), Some("euler"));
+    assert_eq!(m.model.as_deref(), Some("tiny-sdxl"));
+    assert!(!job.is_high_priority());
+
+    // The normalized message validates to the same job: retries reuse the seed.
+    let again = parse_and_validate(&job.to_body(), &Limits::default(), &ModelsConfig::default());
+    assert_eq!(again.unwrap(), job);
+    assert_eq!(
+        validate_message(&job.message, &Limits::default(), &ModelsConfig::default()).unwrap(),
+        job
+    );
+}
+
+#[test]
+fn absent_seeds_are_drawn_per_job() {
+    let seeds: std::collections::HashSet<u64> =
+        (0..16).map(|_| check(&base()).unwrap().seed).collect();
+    assert!(seeds.len() > 1, "seeds must not repeat: {seeds:?}");
+}
+
+#[test]
+fn a_full_message_maps_to_the_engine_request() {
+    let message = with(json!({
+        "model": "tiny-sdxl",
+        "prompt_2": "second",
+        "negative_prompt": "blurry",
+        "negative_prompt_2": "",
+        "width": 832, "height": 1216,
+        "steps": 20,
+        "guidance_scale": 7.5,
+        "guidance_rescale": 0.25,
+        "scheduler": "dpm++ 2m karras",
+        "scheduler_options": { "timestep_spacing": "trailing", "steps_offset": 0,
+                               "prediction_type": "epsilon", "use_karras_sigmas": true },
+        "seed": 99,
+        "num_images": 3,
+        "original_size": [2048, 1024],
+        "crops_coords_top_left": [16, 8],
+        "target_size": [1216, 832],
+        "priority": 5,
+        "metadata": { "user": 17 }
+    }));
+    let job = check(&message).unwrap();
+    assert!(job.is_high_priority());
+    assert_eq!(job.message.scheduler.as_deref(), Some("dpmpp_2m_karras"));
+    assert_eq!(job.message.metadata.as_ref().unwrap()["user"], json!(17));
+    let r = job.generate_request();
+    assert_eq!(r.prompt, "a cat wearing a hat");
+    assert_eq!(r.prompt_2.as_deref(), Some("second"));
+    assert_eq!(r.negative_prompt.as_deref(), Some("blurry"));
+    assert_eq!(r.negative_prompt_2.as_deref(), Some(""));
+    assert_eq!(
+        (r.width, r.height, r.steps, r.num_images, r.seed),
+        (832, 1216, 20, 3, 99)
+    );
+    assert_eq!((r.guidance_scale, r.guidance_rescale), (7.5, 0.25));
+    assert_eq!(r.scheduler, SchedulerKind::Dpmpp2mKarras);
+    assert_eq!(
+        r.scheduler_overrides.timestep_spacing,
+        Some(TimestepSpacing::Trailing)
+    );
+    assert_eq!(r.scheduler_overrides.steps_offset, Some(0));
+    assert_eq!(r.scheduler_overrides.use_karras_sigmas, Some(true));
+    assert_eq!(r.original_size, Some((2048, 1024)));
+    assert_eq!(r.crops_coords_top_left, (16, 8));
+    assert_eq!(r.target_size, Some((1216, 832)));
+    assert_eq!(r.initial_latents, None);
+
+    let plain = check(&base()).unwrap().generate_request();
+    assert_eq!(
+        (
+            plain.original_size,
+            plain.crops_coords_top_left,
+            plain.target_size
+        ),
+        (None, (0, 0), None)
+    );
+    assert_eq!(plain.negative_prompt, None);
+}
+
+#[test]
+fn null_means_absent() {
+    let job = check(&with(
+        json!({ "negative_prompt": null, "seed": null, "width": null }),
+    ))
+    .unwrap();
+    assert_eq!(job.message.negative_prompt, None);
+    assert_eq!(job.width, 64);
+    assert_eq!(
+        codes(&with(json!({ "prompt": null }))),
+        pair("prompt", "missing")
+    );
+}
+
+#[test]
+fn unreadable_bodies_have_codes() {
+    assert_eq!(unreadable(b""), "empty_body");
+    assert_eq!(unreadable(b" \n\t"), "empty_body");
+    assert_eq!(unreadable(b"{\"version\": 1,"), "not_json");
+    assert_eq!(unreadable(b"\xff\xfe"), "not_json");
+    assert_eq!(unreadable(b"[1, 2]"), "not_object");
+    assert_eq!(unreadable(b"\"job\""), "not_object");
+    assert_eq!(
+        unreadable(br#"{"version": 1, "prompt": "x"}"#),
+        "missing_id"
+    );
+    assert_eq!(
+        unreadable(br#"{"version": 1, "id": null, "prompt": "x"}"#),
+        "missing_id"
+    );
+    assert_eq!(unreadable(br#"{"version": 1, "id": 42}"#), "invalid_uuid");
+    assert_eq!(
+        unreadable(br#"{"version": 1, "id": "not-a-uuid"}"#),
+        "invalid_uuid"
+    );
+    assert_eq!(
+        unreadable(br#"{"id": "7d4448409dc011d1b2455ffdce74fad2"}"#),
+        "invalid_uuid"
+    );
+    assert_eq!(unreadable(br#"{"id": "../../etc/passwd"}"#), "invalid_uuid");
+    let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(64 * 1024 * 17));
+    assert_eq!(unreadable(huge.as_bytes()), "too_large");
+}
+
+#[test]
+fn an_oversized_message_with_an_id_is_invalid_as_a_whole() {
+    let message = with(json!({ "metadata": { "pad": "x".repeat(70 * 1024) } }));
+    assert_eq!(codes(&message), pair("$", "too_large"));
+}
+
+#[test]
+fn version_errors() {
+    let mut no_version = base();
+    no_version.as_object_mut().unwrap().remove("version");
+    assert_eq!(codes(&no_version), pair("version", "missing"));
+    assert_eq!(
+        codes(&with(json!({ "version": "1" }))),
+        pair("version", "wrong_type")
+    );
+    // Another version is rejected alone: its fields belong to a contract this build lacks.
+    let v2 = with(json!({ "version": 2, "steps": 0, "new_field": true }));
+    assert_eq!(codes(&v2), pair("version", "unsupported_version"));
+}
+
+#[test]
+fn every_field_error_has_its_code() {
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!({ "prompt": 5 }), "prompt", "wrong_type"),
+        (json!({ "prompt": "   " }), "prompt", "empty"),
+        (json!({ "prompt": "p".repeat(2001) }), "prompt", "too_long"),
+        (json!({ "prompt_2": ["a"] }), "prompt_2", "wrong_type"),
+        (
+            json!({ "negative_prompt": "n".repeat(2001) }),
+            "negative_prompt",
+            "too_long",
+        ),
+        (
+            json!({ "negative_prompt_2": {} }),
+            "negative_prompt_2",
+            "wrong_type",
+        ),
+        (json!({ "model": "sdxl-base" }), "model", "unknown_model"),
+        (json!({ "model": 3 }), "model", "wrong_type"),
+        (json!({ "width": 1020 }), "width", "not_multiple_of_8"),
+        (json!({ "width": 4096 }), "width", "out_of_range"),
+        (json!({ "width": 8 }), "width", "out_of_range"),
+        (json!({ "height": -512 }), "height", "out_of_range"),
+        (json!({ "height": "1024" }), "height", "wrong_type"),
+        (json!({ "height": 1024.5 }), "height", "wrong_type"),
+        (json!({ "steps": 0 }), "steps", "out_of_range"),
+        (json!({ "steps": 151 }), "steps", "out_of_range"),
+        (json!({ "steps": true }), "steps", "wrong_type"),
+        (
+            json!({ "guidance_scale": 31 }),
+            "guidance_scale",
+            "out_of_range",
+        ),
+        (
+            json!({ "guidance_scale": -0.5 }),
+            "guidance_scale",
+            "out_of_range",
+        ),
+        (
+            json!({ "guidance_scale": "high" }),
+            "guidance_scale",
+            "wrong_type",
+        ),
+        (
+            json!({ "guidance_rescale": 1.5 }),
+            "guidance_rescale",
+            "out_of_range",
+        ),
+        (
+            json!({ "scheduler": "warp drive" }),
+            "scheduler",
+            "unknown_scheduler",
+        ),
+        (json!({ "scheduler": 1 }), "scheduler", "wrong_type"),
+        (
+            json!({ "scheduler_options": "karras" }),
+            "scheduler_options",
+            "wrong_type",
+        ),
+        (
+            json!({ "scheduler_options": { "timestep_spacing": "sideways" } }),
+            "scheduler_options.timestep_spacing",
+            "invalid_value",
+        ),
+        (
+            json!({ "scheduler_options": { "prediction_type": 1 } }),
+            "scheduler_options.prediction_type",
+            "wrong_type",
+        ),
+        (
+            json!({ "scheduler_options": { "steps_offset": -1 } }),
+            "scheduler_options.steps_offset",
+            "out_of_range",
+        ),
+        (
+            json!({ "scheduler_options": { "use_karras_sigmas": "yes" } }),
+            "scheduler_options.use_karras_sigmas",
+            "wrong_type",
+        ),
+        (
+            json!({ "scheduler_options": { "beta_schedule": "linear" } }),
+            "scheduler_options.beta_schedule",
+            "unknown_field",
+        ),
+        (json!({ "seed": -1 }), "seed", "out_of_range"),
+        (json!({ "seed": 1.5 }), "seed", "wrong_type"),
+        (json!({ "seed": "42" }), "seed", "wrong_type"),
+        (
+            json!({ "seed": 18446744073709551615u64, "num_images": 2 }),
+            "seed",
+            "out_of_range",
+        ),
+        (json!({ "num_images": 0 }), "num_images", "out_of_range"),
+        (json!({ "num_images": 9 }), "num_images", "out_of_range"),
+        (
+            json!({ "original_size": [1024] }),
+            "original_size",
+            "wrong_length",
+        ),
+        (
+            json!({ "original_size": "1024x1024" }),
+            "original_size",
+            "wrong_type",
+        ),
+        (
+            json!({ "original_size": [1024, "x"] }),
+            "original_size[1]",
+            "wrong_type",
+        ),
+        (
+            json!({ "target_size": [0, 1024] }),
+            "target_size[0]",
+            "out_of_range",
+        ),
+        (
+            json!({ "crops_coords_top_left": [-1, 0] }),
+            "crops_coords_top_left[0]",
+            "out_of_range",
+        ),
+        (json!({ "priority": 10 }), "priority", "out_of_range"),
+        (json!({ "priority": "high" }), "priority", "wrong_type"),
+        (json!({ "metadata": ["tag"] }), "metadata", "wrong_type"),
+        (
+            json!({ "metadata": { "pad": "x".repeat(9000) } }),
+            "metadata",
+            "too_large",
+        ),
+        (
+            json!({ "prompt": "nul\u{0}byte" }),
+            "prompt",
+            "invalid_value",
+        ),
+        (
+            json!({ "metadata": { "k": ["a\u{0}"] } }),
+            "metadata",
+            "invalid_value",
+        ),
+        (json!({ "sampler": "Euler a" }), "sampler", "unknown_field"),
+        (
+            json!({ "output_key": "../../etc/passwd" }),
+            "output_key",
+            "unknown_field",
+        ),
+    ];
+    for (patch, field, code) in cases {
+        let message = with(patch.clone());
+        assert_eq!(codes(&message), pair(field, code), "for {patch}");
+    }
+}
+
+#[test]
+fn edges_that_are_accepted() {
+    let ok = [
+        json!({ "width": 64, "height": 2048 }),
+        json!({ "width": 1024.0 }),
+        json!({ "seed": 18446744073709551615u64 }),
+        json!({ "seed": 0 }),
+        json!({ "prompt": "é".repeat(2000) }),
+        json!({ "guidance_scale": 0, "guidance_rescale": 1 }),
+        json!({ "scheduler": "Euler a" }),
+        json!({ "scheduler": "EULER_A" }),
+        json!({ "priority": 9, "num_images": 8 }),
+        json!({ "metadata": {} }),
+        json!({ "id": ID.to_uppercase() }),
+        json!({ "scheduler_options": { "timestep_spacing": null } }),
+    ];
+    for patch in ok {
+        let message = with(patch.clone());
+        assert!(
+            check(&message).is_ok(),
+            "rejected {patch}: {:?}",
+            check(&message)
+        );
+    }
+}
+
+#[test]
+fn all_field_errors_are_reported_at_once() {
+    let message = with(json!({
+        "prompt": 12,
+        "width": 1001,
+        "steps": 0,
+        "scheduler": "warp",
+        "colour": "red",
+        "seed": -3
+    }));
+    assert_eq!(
+        codes(&message),
+        vec![
+            ("prompt".to_owned(), "wrong_type".to_owned()),
+            ("width".to_owned(), "not_multiple_of_8".to_owned()),
+            ("steps".to_owned(), "out_of_range".to_owned()),
+            ("scheduler".to_owned(), "unknown_scheduler".to_owned()),
+            ("seed".to_owned(), "out_of_range".to_owned()),
+            ("colour".to_owned(), "unknown_field".to_owned()),
+        ]
+    );
+    let Err(rejection) = check(&message) else {
+        panic!()
+    };
+    assert_eq!(rejection.code(), "invalid_request");
+    assert!(rejection.to_string().contains("colour"));
+}
+
+#[test]
+fn limits_are_configurable() {
+    let limits = Limits {
+        max_pixels: 1024 * 1024,
+        max_prompt_chars: 20,
+        max_images: 2,
+        schedulers: vec![SchedulerKind::Euler],
+        ..Limits::default()
+    };
+    let message = with(json!({ "width": 2048, "height": 1024 }));
+    assert_eq!(
+        codes_with(&message, &limits),
+        pair("width", "too_many_pixels")
+    );
+    // Height alone given, with a model whose default width is 1024: height is at fault.
+    let mut models = ModelsConfig::default();
+    models.models[0].default_width = None;
+    let message = with(json!({ "height": 1536 }));
+    assert_eq!(
+        codes_with_models(&message, &limits, &models),
+        pair("height", "too_many_pixels")
+    );
+    let message = with(json!({ "prompt": "twenty-one characters" }));
+    assert_eq!(codes_with(&message, &limits), pair("prompt", "too_long"));
+    let message = with(json!({ "num_images": 3 }));
+    assert_eq!(
+        codes_with(&message, &limits),
+        pair("num_images", "out_of_range")
+    );
+    let message = with(json!({ "scheduler": "ddim" }));
+    assert_eq!(
+        codes_with(&message, &limits),
+        pair("scheduler", "unknown_scheduler")
+    );
+}
+
+#[test]
+fn the_model_default_size_applies() {
+    let mut models = ModelsConfig::default();
+    models.models[0].default_width = Some(512);
+    models.models[0].default_height = Some(768);
+    let body = serde_json::to_vec(&base()).unwrap();
+    let job = parse_and_validate(&body, &Limits::default(), &models).unwrap();
+    assert_eq!((job.width, job.height), (512, 768));
+    models.models[0].default_width = None;
+    models.models[0].default_height = None;
+    let job = parse_and_validate(&body, &Limits::default(), &models).unwrap();
+    assert_eq!((job.width, job.height), (1024, 1024));
+}
 
 #[test]
 fn committed_schema_matches_the_generated_one() {
@@ -13,12 +495,157 @@ fn committed_schema_matches_the_generated_one() {
         std::fs::write(path, &pretty).unwrap();
         return;
     }
-    let committed: serde_json::Value =
-        serde_json::from_str(committed_text()).expect("schema/job-v1.json is not JSON");
+    let committed: Value = serde_json::from_str(committed_text()).expect("schema is not JSON");
     assert_eq!(
         committed, generated,
-        "schema/job-v1.json differs from the generated schema; run the tests with \
-         SDXL_UPDATE_SCHEMA=1 to rewrite it"
+        "schema/job-v1.json differs from the generated schema; rewrite it with \
+         SDXL_UPDATE_SCHEMA=1 cargo test --test job_contract"
     );
-    let _ = ModelsConfig::default();
+}
+
+#[test]
+fn schema_fields_are_the_message_fields() {
+    let schema: Value = serde_json::from_str(committed_text()).unwrap();
+    let mut properties: Vec<&str> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    properties.sort();
+    let mut fields = FIELDS.to_vec();
+    fields.sort();
+    assert_eq!(properties, fields);
+    assert_eq!(schema["required"], json!(["version", "id", "prompt"]));
+    assert_eq!(schema["additionalProperties"], json!(false));
+    let mut options: Vec<&str> = schema["properties"]["scheduler_options"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    options.sort();
+    let mut expected = SCHEDULER_OPTION_FIELDS.to_vec();
+    expected.sort();
+    assert_eq!(options, expected);
+
+    // The serde type has exactly these fields: a message using all of them round-trips.
+    let full = &examples()[1];
+    let typed: JobMessage = serde_json::from_value(full.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&typed).unwrap(), *full);
+    assert_eq!(full.as_object().unwrap().len(), FIELDS.len());
+    assert!(serde_json::from_value::<JobMessage>(with(json!({ "extra": 1 }))).is_err());
+}
+
+#[test]
+fn schema_examples_are_valid_messages() {
+    let schema: Value = serde_json::from_str(committed_text()).unwrap();
+    let listed = schema["examples"].as_array().unwrap();
+    assert_eq!(listed, &examples());
+    for example in listed {
+        let job = parse_and_validate(
+            &serde_json::to_vec(example).unwrap(),
+            &Limits::default(),
+            &ModelsConfig::default(),
+        );
+        assert!(job.is_ok(), "{example}: {job:?}");
+    }
+}
+
+#[test]
+fn a_deployment_schema_names_its_models() {
+    let schema = json_schema(&Limits::default(), Some(&ModelsConfig::default()));
+    assert_eq!(
+        schema["properties"]["model"]["enum"],
+        json!(["tiny-sdxl", null])
+    );
+}
+
+/// Messages on which the JSON Schema and the validator must agree (everything the schema can
+/// express), each with the validator's expected verdict.
+fn agreement_corpus() -> Vec<(Value, bool)> {
+    let mut corpus: Vec<(Value, bool)> = examples().into_iter().map(|e| (e, true)).collect();
+    let valid = [
+        json!({ "width": 64, "height": 2048 }),
+        json!({ "seed": 18446744073709551615u64 }),
+        json!({ "scheduler": "DPM++ 2M SDE Karras", "priority": 0 }),
+        json!({ "negative_prompt": null, "original_size": [1, 16384] }),
+        json!({ "scheduler_options": { "steps_offset": 999, "use_karras_sigmas": false } }),
+        json!({ "metadata": { "nested": { "deep": [1, 2, 3] } } }),
+    ];
+    let invalid = [
+        json!({ "version": 2 }),
+        json!({ "prompt": 5 }),
+        json!({ "prompt": "" }),
+        json!({ "prompt": "p".repeat(2001) }),
+        json!({ "width": 1020 }),
+        json!({ "width": 2056 }),
+        json!({ "height": 56 }),
+        json!({ "steps": 0 }),
+        json!({ "steps": 151 }),
+        json!({ "guidance_scale": 30.5 }),
+        json!({ "guidance_rescale": -0.1 }),
+        json!({ "scheduler": "warp" }),
+        json!({ "scheduler_options": { "timestep_spacing": "sideways" } }),
+        json!({ "scheduler_options": { "steps_offset": 1000 } }),
+        json!({ "scheduler_options": { "other": 1 } }),
+        json!({ "seed": -1 }),
+        json!({ "num_images": 9 }),
+        json!({ "original_size": [1024] }),
+        json!({ "original_size": [1024, 1024, 1] }),
+        json!({ "crops_coords_top_left": [0, 16385] }),
+        json!({ "priority": 10 }),
+        json!({ "metadata": [] }),
+        json!({ "unknown": true }),
+        json!({ "id": "7d4448409dc011d1b2455ffdce74fad2" }),
+    ];
+    corpus.extend(valid.into_iter().map(|p| (with(p), true)));
+    corpus.extend(invalid.into_iter().map(|p| (with(p), false)));
+    let mut no_prompt = base();
+    no_prompt.as_object_mut().unwrap().remove("prompt");
+    corpus.push((no_prompt, false));
+    corpus
+}
+
+const PY_CHECK: &str = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+schema = json.load(open(sys.argv[1]))
+Draft202012Validator.check_schema(schema)
+validator = Draft202012Validator(schema)
+corpus = json.load(sys.stdin)
+print(json.dumps([validator.is_valid(m) for m in corpus]))
+"#;
+
+#[test]
+fn the_schema_and_the_validator_agree() {
+    let corpus = agreement_corpus();
+    for (message, expected) in &corpus {
+        assert_eq!(check(message).is_ok(), *expected, "validator on {message}");
+    }
+    let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SCHEMA_PATH);
+    let mut child = Command::new("python3")
+        .args(["-c", PY_CHECK, schema_path.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed to check the schema");
+    let messages: Vec<&Value> = corpus.iter().map(|(m, _)| m).collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&messages).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python jsonschema check failed (pip install jsonschema): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts: Vec<bool> = serde_json::from_slice(&out.stdout).unwrap();
+    for ((message, expected), verdict) in corpus.iter().zip(verdicts) {
+        assert_eq!(verdict, *expected, "JSON Schema on {message}");
+    }
 }

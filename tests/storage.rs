@@ -170,3 +170,19 @@ async fn s3_configuration_requires_a_bucket() {
         .unwrap_err();
     assert_eq!(err.code(), "storage_invalid_config");
 }
+
+#[test]
+fn credentials_never_show_their_secrets() {
+    let creds = sdxl_worker::storage::S3Credentials {
+        access_key_id: "AKIAEXAMPLEKEY".to_owned(),
+        secret_access_key: "wJalrXUtnFEMI/K7MDENG".to_owned(),
+        session_token: Some("FwoGZXIvYXdzEBYaDH".to_owned()),
+    };
+    let debug = format!("{creds:?}");
+    assert!(
+        !debug.contains("wJalrXUtnFEMI") && !debug.contains("FwoGZXIv"),
+        "{debug}"
+    );
+    assert!(!debug.contains("AKIAEXAMPLEKEY"), "{debug}");
+    assert!(debug.contains("AKIA****"), "{debug}");
+}

@@ -288,15 +288,16 @@ impl ModelsConfig {
 }
 
 impl Default for ModelsConfig {
-    /// `tiny-sdxl` at `tests/fixtures/tiny-sdxl` (relative; resolved when configuration loads).
+    /// `tiny-sdxl` at `tests/fixtures/tiny-sdxl` (relative; resolved when configuration
+    /// loads), whose natural size is 64x64 (UNet sample size 16, VAE factor 4).
     fn default() -> Self {
         ModelsConfig {
             default: "tiny-sdxl".to_owned(),
             models: vec![ModelEntry {
                 name: "tiny-sdxl".to_owned(),
                 path: PathBuf::from("tests/fixtures/tiny-sdxl"),
-                default_width: None,
-                default_height: None,
+                default_width: Some(64),
+                default_height: Some(64),
             }],
         }
     }

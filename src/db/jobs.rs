@@ -41,15 +41,16 @@ impl Db {
         body: &serde_json::Value,
         errors: &[FieldError],
     ) -> Result<(), DbError> {
-        let details = serde_json::json!({ "errors": errors });
-        let message = format!("invalid job message: {}", summarize(errors));
+        let details = scrub_json(serde_json::json!({ "errors": errors }));
+        let message = scrub_text(&format!("invalid job message: {}", summarize(errors)));
+        let body = scrub_json(body.clone());
         sqlx::query(
             "INSERT INTO jobs (id, state, request, error_code, error_message, error_details, \
              finished_at) VALUES ($1, 'failed', $2, $3, $4, $5, now()) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(id)
-        .bind(Json(body))
+        .bind(Json(&body))
         .bind(INVALID_REQUEST_CODE)
         .bind(message)
         .bind(Json(details))
@@ -246,9 +247,9 @@ impl Db {
         let result = sqlx::query(&sql)
             .bind(id)
             .bind(attempt)
-            .bind(code)
-            .bind(message)
-            .bind(details.map(Json))
+            .bind(scrub_text(code))
+            .bind(scrub_text(message))
+            .bind(details.map(|d| Json(scrub_json(d))))
             .execute(self.pool())
             .await
             .map_err(query_error("fail"))?;
@@ -371,6 +372,26 @@ impl Db {
         row.map(|r| metrics_row(&r))
             .transpose()
             .map_err(query_error("get_metrics"))
+    }
+}
+
+/// Postgres `text` and `jsonb` cannot hold NUL characters: replace them (U+FFFD) in text that
+/// comes from outside, so recording a bad message can never fail because of them.
+fn scrub_text(text: &str) -> String {
+    text.replace('\0', "\u{fffd}")
+}
+
+fn scrub_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => Value::String(scrub_text(&text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(scrub_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (scrub_text(&k), scrub_json(v)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 

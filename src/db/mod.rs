@@ -159,7 +159,7 @@ impl Db {
         })?;
         let options = options.application_name("sdxl-worker");
         let timeout = Duration::from_millis(cfg.acquire_timeout_ms);
-        tokio::time::timeout(timeout, create_schema(&options, &cfg.schema))
+        let mut conn = tokio::time::timeout(timeout, options.connect())
             .await
             .map_err(|_| DbError::ConnectTimeout {
                 url: url.clone(),
@@ -169,6 +169,9 @@ impl Db {
                 url: url.clone(),
                 source,
             })?;
+        let created = ensure_schema(&mut conn, &cfg.schema).await;
+        let _ = conn.close().await;
+        created.map_err(query_error("create_schema"))?;
         let set_path = format!("SET search_path TO {}", cfg.schema);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
@@ -223,11 +226,19 @@ impl Db {
     }
 }
 
-async fn create_schema(options: &PgConnectOptions, schema: &str) -> Result<(), sqlx::Error> {
-    let mut conn = options.connect().await?;
+/// Create `schema` unless it exists (checked first: creating needs the CREATE privilege on the
+/// database, which a deployment using an existing schema may not have).
+async fn ensure_schema(conn: &mut sqlx::PgConnection, schema: &str) -> Result<(), sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *conn)
+            .await?;
+    if exists {
+        return Ok(());
+    }
     let sql = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
     let result = conn.execute(sql.as_str()).await;
-    let _ = conn.close().await;
     match result {
         Ok(_) => Ok(()),
         // Two processes creating the same schema at once: the loser sees a unique violation.

@@ -109,7 +109,11 @@ impl BatchNoise {
     /// Fill an image-major batch tensor; `out.len()` must be a multiple of the image count.
     pub fn fill(&mut self, out: &mut [f32]) {
         let n = self.streams.len().max(1);
-        assert_eq!(out.len() % n, 0, "noise tensor not divisible by image count");
+        assert_eq!(
+            out.len() % n,
+            0,
+            "noise tensor not divisible by image count"
+        );
         let per = out.len() / n;
         for (stream, chunk) in self.streams.iter_mut().zip(out.chunks_mut(per)) {
             stream.fill(chunk);

@@ -155,7 +155,11 @@ pub struct JobMessage {
     /// A project id (`euler_a`) or an A1111 name (`Euler a`), case-insensitive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_overrides"
+    )]
     pub scheduler_options: Option<SchedulerOverrides>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -174,6 +178,24 @@ pub struct JobMessage {
     pub priority: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Scheduler options without the `null` entries of options that were not given.
+fn serialize_overrides<S: serde::Serializer>(
+    overrides: &Option<SchedulerOverrides>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error, SerializeMap};
+    let value = serde_json::to_value(overrides).map_err(S::Error::custom)?;
+    let entries: Vec<(String, serde_json::Value)> = match value {
+        serde_json::Value::Object(map) => map.into_iter().filter(|(_, v)| !v.is_null()).collect(),
+        _ => Vec::new(),
+    };
+    let mut map = serializer.serialize_map(Some(entries.len()))?;
+    for (key, value) in &entries {
+        map.serialize_entry(key, value)?;
+    }
+    map.end()
 }
 
 /// One invalid field of a message.

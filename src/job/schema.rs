@@ -7,7 +7,8 @@
 //!
 //! A few rules cannot be written in JSON Schema and are checked only by the validator: the
 //! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
-//! 64 bits, a prompt of only white space, and scheduler names in another letter case.
+//! 64 bits, a prompt of only white space, NUL characters in text (Postgres cannot store them),
+//! and scheduler names in another letter case.
 
 use serde_json::{json, Value};
 
@@ -193,6 +194,7 @@ pub fn examples() -> Vec<Value> {
             "prompt": "portrait of an astronaut, studio lighting",
             "prompt_2": "highly detailed, 85mm",
             "negative_prompt": "blurry, low quality",
+            "negative_prompt_2": "text, watermark",
             "width": 832,
             "height": 1216,
             "steps": 25,

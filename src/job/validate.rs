@@ -195,6 +195,14 @@ impl<'a> Checker<'a> {
             self.wrong_type(field, "a string", value);
             return None;
         };
+        if text.contains('\0') {
+            self.push(
+                field,
+                codes::INVALID_VALUE,
+                "text must not contain NUL characters",
+            );
+            return None;
+        }
         let chars = text.chars().count();
         if chars > max_chars {
             let message = format!("{chars} characters; at most {max_chars} are accepted");
@@ -498,6 +506,11 @@ impl<'a> Checker<'a> {
             self.wrong_type("metadata", "an object", value);
             return None;
         };
+        if contains_nul(value) {
+            let message = "metadata must not contain NUL characters (Postgres cannot store them)";
+            self.push("metadata", codes::INVALID_VALUE, message);
+            return None;
+        }
         let size = serde_json::to_vec(map)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
@@ -510,6 +523,16 @@ impl<'a> Checker<'a> {
             return None;
         }
         Some(map.clone())
+    }
+}
+
+/// Whether any string or key inside `value` contains a NUL character.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 

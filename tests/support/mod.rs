@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: unique names, a Postgres schema per test, a local
+//! Support code shared by the integration tests: unique names, a Postgres schema per test, a local
 //! S3 server (moto) per test, and where ONNX Runtime's library is.
 //!
 //! Every test gets its own schema, key prefix and queue prefix, and servers started here bind
