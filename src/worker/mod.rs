@@ -137,8 +137,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// Runs the parts of a worker that `options` selects until `shutdown` resolves, then stops
 /// taking jobs, lets the jobs in flight finish (within `worker.shutdown_grace_ms`) and returns.
-/// Returns early with the error when a part fails for good (the broker connection is lost,
-/// for instance); the process supervisor is expected to restart it.
+///
+/// When the broker connection is lost, every part stops (jobs in flight finish; messages
+/// whose ack is lost are redelivered and skipped as duplicates), and the worker reconnects
+/// after `broker.reconnect_delay_ms`, doubling up to `broker.reconnect_max_delay_ms`, and
+/// starts again. Other failures (the database schema, ONNX Runtime missing) end the run with
+/// the error.
 pub async fn run_with(
     config: Config,
     options: RunOptions,
@@ -149,24 +153,94 @@ pub async fn run_with(
     db.migrate().await?;
     let storage = Storage::from_config(&config.storage).await?;
     let topology = Topology::new(config.broker.prefix.clone(), config.broker.delivery_limit);
-    let broker = Broker::connect(&config.broker.url, topology).await?;
-    broker.declare_topology().await?;
-    let shared = Arc::new(Shared {
-        config,
-        db,
-        storage,
-        broker,
-        worker_id,
-    });
+    let initial_delay = Duration::from_millis(config.broker.reconnect_delay_ms.max(1));
+    let max_delay = Duration::from_millis(config.broker.reconnect_max_delay_ms).max(initial_delay);
 
+    tokio::pin!(shutdown);
+    let mut delay = initial_delay;
+    let result = loop {
+        let session = match connect_broker(&config.broker.url, &topology).await {
+            Ok(broker) => {
+                let shared = Arc::new(Shared {
+                    config: config.clone(),
+                    db: db.clone(),
+                    storage: storage.clone(),
+                    broker,
+                    worker_id: worker_id.clone(),
+                });
+                let session = run_session(&shared, &options, shutdown.as_mut()).await;
+                shared.broker.close().await;
+                session
+            }
+            Err(err) => SessionEnd::Failed {
+                error: err,
+                started: false,
+            },
+        };
+        let error = match session {
+            SessionEnd::Shutdown(result) => break result,
+            SessionEnd::Failed { error, .. } if !reconnects_after(&error) => break Err(error),
+            SessionEnd::Failed { error, started } => {
+                if started {
+                    delay = initial_delay;
+                }
+                error
+            }
+        };
+        tracing::warn!(error = %error, code = error.code(), retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
+        tokio::select! {
+            () = shutdown.as_mut() => break Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(max_delay);
+    };
+    db.close().await;
+    tracing::info!("worker stopped");
+    result
+}
+
+async fn connect_broker(url: &str, topology: &Topology) -> Result<Broker, WorkerError> {
+    let broker = Broker::connect(url, topology.clone()).await?;
+    if let Err(err) = broker.declare_topology().await {
+        broker.close().await;
+        return Err(err.into());
+    }
+    Ok(broker)
+}
+
+/// Whether a failure is a lost or refused broker connection, which reconnecting can fix.
+fn reconnects_after(error: &WorkerError) -> bool {
+    match error {
+        WorkerError::Broker(err) => err.is_retryable(),
+        WorkerError::IntakeClosed => true,
+        _ => false,
+    }
+}
+
+/// How one connected session of the worker ended.
+enum SessionEnd {
+    /// `shutdown` resolved; the result of stopping.
+    Shutdown(Result<(), WorkerError>),
+    /// A part failed; `started` tells whether every part had started.
+    Failed { error: WorkerError, started: bool },
+}
+
+/// Runs the intake and the consumers on one broker connection until `shutdown` resolves or a
+/// part fails; then stops every part.
+async fn run_session(
+    shared: &Arc<Shared>,
+    options: &RunOptions,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> SessionEnd {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let started = start_tasks(&shared, &options, &stop_rx, &mut tasks).await;
-    if let Err(err) = started {
+    if let Err(error) = start_tasks(shared, options, &stop_rx, &mut tasks).await {
         let _ = stop_tx.send(true);
         drain(&mut tasks).await;
-        shutdown_connections(&shared).await;
-        return Err(err);
+        return SessionEnd::Failed {
+            error,
+            started: false,
+        };
     }
     tracing::info!(
         worker_id = %shared.worker_id,
@@ -176,21 +250,27 @@ pub async fn run_with(
         "worker started"
     );
 
-    let mut failure = None;
-    tokio::select! {
-        () = shutdown => tracing::info!("shutdown requested: finishing the jobs in flight"),
-        Some(joined) = tasks.join_next() => {
-            failure = task_failure(joined);
-            tracing::error!("a worker task stopped; shutting the worker down");
+    let failure = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutdown requested: finishing the jobs in flight");
+            None
+        }
+        Some(joined) = tasks.join_next() => Some(task_failure(joined).unwrap_or_else(|| {
+            WorkerError::Task("a worker task ended before the worker was stopped".to_owned())
+        })),
+    };
+    let _ = stop_tx.send(true);
+    let drained = drain(&mut tasks).await;
+    match failure {
+        None => SessionEnd::Shutdown(drained.map_or(Ok(()), Err)),
+        Some(error) => {
+            tracing::error!(error = %error, code = error.code(), "a worker task stopped; stopping the others");
+            SessionEnd::Failed {
+                error,
+                started: true,
+            }
         }
     }
-    let _ = stop_tx.send(true);
-    if let Some(err) = drain(&mut tasks).await {
-        failure.get_or_insert(err);
-    }
-    shutdown_connections(&shared).await;
-    tracing::info!("worker stopped");
-    failure.map_or(Ok(()), Err)
 }
 
 async fn start_tasks(
@@ -255,11 +335,6 @@ fn task_failure(
         Ok(Err(err)) => Some(err),
         Err(join) => Some(WorkerError::Task(join.to_string())),
     }
-}
-
-async fn shutdown_connections(shared: &Shared) {
-    shared.broker.close().await;
-    shared.db.close().await;
 }
 
 /// Longest wait for an unreachable database before a delivery is returned anyway.
