@@ -4,6 +4,13 @@
 //! Everything this module publishes is confirmed by the broker before the call returns: a
 //! message the broker refuses (nack) or cannot route (returned under `mandatory`) is an error,
 //! never a silent loss. Deliveries are acknowledged manually through [`Incoming`].
+//!
+//! RabbitMQ versions: quorum queues have message priorities only from 4.0, so priorities are
+//! not left to the queue. The intake routes each job to a `high` or a `normal` work queue and
+//! GPU consumers always pull (basic.get) from `high` before `normal`, which gives strict
+//! priority on 3.10 and on 4.x alike. A delivery that stays unacknowledged longer than the
+//! broker's consumer timeout (30 minutes by default; broker-wide before 3.12) is returned to
+//! its queue and its channel closed, so `worker.job_timeout_ms` must stay below it.
 
 mod error;
 mod message;
