@@ -1,7 +1,7 @@
 //! At-least-once delivery without double results: a redelivered work message of a succeeded
 //! job, and a producer publishing the same job twice, are acknowledged without running again;
 //! a job whose storage keeps failing is retried up to `worker.max_attempts`, then failed and
-//! dead-lettered with its reason.
+//! dead-lettered with its reason, and so is a job whose earlier attempts never finished.
 
 mod queue_harness;
 mod support;
@@ -112,6 +112,58 @@ async fn a_job_whose_storage_keeps_failing_is_retried_then_dead_lettered() {
     assert_eq!(
         dead.header_str(HEADER_ERROR_CODE).as_deref(),
         Some("storage_backend")
+    );
+    dead.ack().await.unwrap();
+
+    consumer.stop().await.unwrap();
+    intake.stop().await.unwrap();
+    stack.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_attempts_never_finished_is_failed_and_dead_lettered() {
+    let stack = Stack::new("poison", StorageKind::Local).await;
+    let intake = stack.start_worker(queue_harness::intake_only());
+    let id = Uuid::new_v4();
+    stack.publish(&small_job(id)).await;
+    stack
+        .wait_row(id, Duration::from_secs(30), queue_harness::is_queued)
+        .await;
+    // Three workers started the job and died without a result (a poison job that crashes
+    // the process): each start took the job over with a new attempt number.
+    let max_attempts = stack.config.worker.max_attempts;
+    for _ in 0..max_attempts {
+        let outcome = stack
+            .db
+            .db
+            .start_attempt(id, "crashed-worker", "cpu")
+            .await
+            .unwrap();
+        assert!(matches!(
+            outcome,
+            sdxl_worker::db::StartOutcome::Started { .. }
+        ));
+    }
+
+    let consumer = stack.start_worker(consumers_only());
+    let row = stack.wait_terminal(id, Duration::from_secs(60)).await;
+    assert_eq!(row.state, JobState::Failed, "{row:#?}");
+    assert_eq!(row.error_code.as_deref(), Some("attempts_exhausted"));
+    assert!(row.images.is_empty());
+
+    let dead_queue = stack.broker.topology().dead_queue();
+    let mut dead = None;
+    for _ in 0..100 {
+        dead = stack.broker.get(&dead_queue).await.unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = dead.expect("the message is dead-lettered");
+    assert_eq!(
+        dead.header_str(HEADER_ERROR_CODE).as_deref(),
+        Some("attempts_exhausted")
     );
     dead.ack().await.unwrap();
 
