@@ -1,6 +1,7 @@
 //! Invalid messages of every kind: those with a readable id give a `failed` row with
 //! field-by-field errors, the others are dead-lettered with their reason; the worker keeps
-//! running and takes the next valid job.
+//! running and takes the next valid job. A valid job that cannot reach a work queue is failed
+//! and dead-lettered instead of looping.
 
 mod queue_harness;
 mod support;
@@ -154,6 +155,63 @@ async fn invalid_messages_give_failed_rows_or_dead_letters_and_the_worker_carrie
     let row = stack.wait_terminal(id, Duration::from_secs(60)).await;
     assert_eq!(row.state, JobState::Succeeded, "{row:#?}");
     assert!(!worker.is_finished());
+
+    worker.stop().await.unwrap();
+    stack.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_reach_a_work_queue_is_failed_and_dead_lettered() {
+    let stack = Stack::new("unroutable", StorageKind::Local).await;
+    let worker = stack.start_worker(queue_harness::intake_only());
+    // Once the intake runs (it declares the topology when it starts), someone removes the
+    // binding of the normal work queue: valid jobs can no longer be routed.
+    let first = Uuid::new_v4();
+    stack.publish(&small_job(first)).await;
+    stack
+        .wait_row(first, Duration::from_secs(30), queue_harness::is_queued)
+        .await;
+    let connection = lapin::Connection::connect(&stack.config.broker.url, Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let topology = stack.broker.topology();
+    channel
+        .queue_unbind(
+            topology
+                .work_queue(sdxl_worker::broker::Lane::Normal)
+                .as_str()
+                .into(),
+            topology.work_exchange().as_str().into(),
+            "normal".into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    let id = Uuid::new_v4();
+    stack.publish(&small_job(id)).await;
+    let row = stack.wait_terminal(id, Duration::from_secs(30)).await;
+    assert_eq!(row.state, JobState::Failed, "{row:#?}");
+    assert_eq!(row.error_code.as_deref(), Some("broker_unroutable"));
+
+    let dead_queue = stack.broker.topology().dead_queue();
+    let mut dead = None;
+    for _ in 0..100 {
+        dead = stack.broker.get(&dead_queue).await.unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = dead.expect("the message is dead-lettered");
+    assert_eq!(
+        dead.header_str(HEADER_ERROR_CODE).as_deref(),
+        Some("broker_unroutable")
+    );
+    dead.ack().await.unwrap();
+    assert!(!worker.is_finished(), "the intake keeps running");
 
     worker.stop().await.unwrap();
     stack.teardown().await;

@@ -7,7 +7,8 @@
 //! - unreadable (not JSON, no usable id): published to `{p}.dead` with its reason, then ack.
 //!
 //! When the database or the broker fails, the delivery is returned to the queue after a pause
-//! and handled again.
+//! (or once the database answers again) and handled again; a failure that retrying cannot fix
+//! dead-letters the message with its reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +131,15 @@ async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome 
             tracing::debug!(job_id = %job.id, lane = lane.routing_key(), "job queued");
             Outcome::Ack
         }
+        Err(err) if !err.is_retryable() => {
+            // The job cannot reach a work queue: record why, so that its row does not stay
+            // queued; the message is then dead-lettered with the same reason.
+            let text = err.to_string();
+            match shared.db.fail(job.id, None, err.code(), &text, None).await {
+                Ok(_) => Outcome::Retry(err.into()),
+                Err(db_err) => Outcome::Retry(db_err.into()),
+            }
+        }
         Err(err) => Outcome::Retry(err.into()),
     }
 }
@@ -139,6 +149,30 @@ async fn settle(shared: &Shared, message: Incoming, outcome: Outcome) {
         Outcome::Ack => {
             if let Err(err) = message.ack().await {
                 tracing::warn!(error = %err, "cannot ack an intake delivery; it will be handled again");
+            }
+        }
+        Outcome::Retry(err) if !err.is_retryable() => {
+            // Trying again cannot help (a broken row, a work queue that refuses messages):
+            // park the message with the reason instead of looping on it.
+            tracing::error!(error = %err, code = err.code(), "intake failed for good; dead-lettering the message");
+            let reason = DeadLetterReason {
+                code: err.code().to_owned(),
+                message: err.to_string(),
+            };
+            let properties = message.properties.clone();
+            let parked = shared
+                .broker
+                .publish_dead_letter(&message.body, properties, &reason)
+                .await;
+            let settled = match parked {
+                Ok(()) => message.ack().await,
+                Err(_) => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    message.nack_requeue().await
+                }
+            };
+            if let Err(err) = settled {
+                tracing::warn!(error = %err, "cannot settle an intake delivery; the broker will redeliver it");
             }
         }
         Outcome::Retry(err) => {
