@@ -3,6 +3,9 @@
 /// Everything that can go wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// The prefix makes queue or exchange names longer than AMQP allows (255 bytes).
+    #[error("broker prefix is too long: `{name}` exceeds 255 bytes")]
+    NameTooLong { name: String },
     /// The AMQP connection could not be opened.
     #[error("cannot connect to the broker: {source}")]
     Connect {
@@ -64,6 +67,7 @@ impl BrokerError {
     /// Stable snake_case code of this error.
     pub fn code(&self) -> &'static str {
         match self {
+            BrokerError::NameTooLong { .. } => "broker_name_too_long",
             BrokerError::Connect { .. } => "broker_connect",
             BrokerError::Channel { .. } => "broker_channel",
             BrokerError::Declare { .. } => "broker_declare",
@@ -80,7 +84,9 @@ impl BrokerError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            BrokerError::Declare { .. } | BrokerError::Unroutable { .. }
+            BrokerError::NameTooLong { .. }
+                | BrokerError::Declare { .. }
+                | BrokerError::Unroutable { .. }
         )
     }
 }

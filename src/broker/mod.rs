@@ -55,6 +55,7 @@ pub struct Broker {
 impl Broker {
     /// Connects to `url` (`amqp://user:pass@host:port/vhost`) and opens the publishing channel.
     pub async fn connect(url: &str, topology: Topology) -> Result<Broker, BrokerError> {
+        topology.check_names()?;
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("sdxl-worker ({})", topology.prefix).into());
         let connection = Connection::connect(url, properties)

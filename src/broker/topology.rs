@@ -83,6 +83,16 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// Every exchange and queue name fits in an AMQP short string (255 bytes).
+    pub fn check_names(&self) -> Result<(), BrokerError> {
+        // `{p}.work.normal` is the longest name.
+        let longest = self.work_queue(Lane::Normal);
+        if longest.len() > 255 {
+            return Err(BrokerError::NameTooLong { name: longest });
+        }
+        Ok(())
+    }
+
     /// Declares all exchanges, queues and bindings (idempotent).
     pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
         self.declare_exchange(channel, &self.jobs_exchange(), ExchangeKind::Fanout)
@@ -197,6 +207,14 @@ mod tests {
         assert_eq!(t.work_queue(Lane::Normal), "acme.work.normal");
         assert_eq!(t.dead_exchange(), "acme.dead");
         assert_eq!(t.dead_queue(), "acme.dead");
+    }
+
+    #[test]
+    fn names_longer_than_amqp_allows_are_refused() {
+        assert!(Topology::new("p".repeat(243), 5).check_names().is_ok());
+        let err = Topology::new("p".repeat(244), 5).check_names().unwrap_err();
+        assert_eq!(err.code(), "broker_name_too_long");
+        assert!(!err.is_retryable());
     }
 
     #[test]

@@ -280,7 +280,9 @@ async fn start_tasks(
     tasks: &mut JoinSet<Result<(), WorkerError>>,
 ) -> Result<(), WorkerError> {
     if options.intake {
-        let tag = format!("{}-intake", shared.worker_id);
+        // A consumer tag is an AMQP short string: keep it well under 255 bytes.
+        let id: String = shared.worker_id.chars().take(120).collect();
+        let tag = format!("{id}-intake");
         let stream = shared
             .broker
             .intake_consumer(shared.config.broker.intake_prefetch, &tag)
