@@ -281,7 +281,10 @@ async fn start_tasks(
 ) -> Result<(), WorkerError> {
     if options.intake {
         // A consumer tag is an AMQP short string: keep it well under 255 bytes.
-        let id: String = shared.worker_id.chars().take(120).collect();
+        let mut id = shared.worker_id.clone();
+        while id.len() > 120 {
+            id.pop();
+        }
         let tag = format!("{id}-intake");
         let stream = shared
             .broker
