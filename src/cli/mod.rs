@@ -82,15 +82,20 @@ where
     runtime.block_on(command(config))
 }
 
+/// Noisy dependencies kept at `warn` unless the filter names them: ONNX Runtime logs every
+/// session option at `info`, and Postgres notices about idempotent DDL are not news.
+const QUIET_TARGETS: [&str; 2] = ["ort", "sqlx::postgres::notice"];
+
 /// Logs to stderr, filtered by `RUST_LOG` when set, else by `log.level`; `log.format` picks
 /// human-readable text or one JSON object per line.
 pub fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(directives),
-        _ => EnvFilter::try_new(&log.level),
-    }
-    .with_context(|| format!("invalid log filter {:?}", log.level))?;
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => directives,
+        _ => log.level.clone(),
+    };
+    let filter = EnvFilter::try_new(with_quiet_targets(&directives))
+        .with_context(|| format!("invalid log filter {directives:?}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -101,4 +106,50 @@ pub fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
     // Already installed (an embedding program did it): keep theirs.
     drop(installed);
     Ok(())
+}
+
+/// `directives` plus `target=warn` for every quiet target it does not mention.
+fn with_quiet_targets(directives: &str) -> String {
+    let named = |target: &str| {
+        directives.split(',').any(|directive| {
+            let name = directive.split('=').next().unwrap_or_default().trim();
+            name == target || name.starts_with(&format!("{target}::"))
+        })
+    };
+    let mut filter = directives.trim().to_owned();
+    for target in QUIET_TARGETS {
+        if !named(target) {
+            if !filter.is_empty() {
+                filter.push(',');
+            }
+            filter.push_str(target);
+            filter.push_str("=warn");
+        }
+    }
+    filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noisy_dependencies_are_quiet_unless_named() {
+        assert_eq!(
+            with_quiet_targets("info"),
+            "info,ort=warn,sqlx::postgres::notice=warn"
+        );
+        assert_eq!(
+            with_quiet_targets("debug,ort=info"),
+            "debug,ort=info,sqlx::postgres::notice=warn"
+        );
+        assert_eq!(
+            with_quiet_targets(""),
+            "ort=warn,sqlx::postgres::notice=warn"
+        );
+        assert_eq!(
+            with_quiet_targets("sdxl_worker::report=debug,sqlx=info"),
+            "sdxl_worker::report=debug,sqlx=info,ort=warn,sqlx::postgres::notice=warn"
+        );
+    }
 }
