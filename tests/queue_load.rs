@@ -1,5 +1,6 @@
-//! 100 jobs through two CPU consumers in two worker processes' worth of tasks: every job
-//! succeeds exactly once, with one stored image each and no duplicate.
+//! 100 jobs through two CPU consumers (two workers, each with one consumer): every job
+//! succeeds exactly once, with one stored image each and no duplicate, and both consumers
+//! take a share.
 
 mod queue_harness;
 mod support;

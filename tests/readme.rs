@@ -23,8 +23,14 @@ fn readme_opens_with_the_demo_and_test_commands() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
     let head: String = readme.lines().take(12).collect::<Vec<_>>().join("\n");
-    assert!(head.contains("scripts/setup-ort.sh && cargo run -- demo"), "{head}");
+    assert!(
+        head.contains("scripts/setup-ort.sh && cargo run -- demo"),
+        "{head}"
+    );
     assert!(head.contains("scripts/test.sh"), "{head}");
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
-    assert!(ci.contains("scripts/test.sh"), ".ci/run must run the README's test command");
+    assert!(
+        ci.contains("scripts/test.sh"),
+        ".ci/run must run the README's test command"
+    );
 }
