@@ -82,8 +82,8 @@ where
     runtime.block_on(command(config))
 }
 
-/// Noisy dependencies kept at `warn` unless the filter names them: ONNX Runtime logs every
-/// session option at `info`, and Postgres notices about idempotent DDL are not news.
+/// Noisy dependencies kept at `warn` unless the filter names them: ONNX Runtime logs each of
+/// its options at `info`, and Postgres notices about idempotent DDL are not news.
 const QUIET_TARGETS: [&str; 2] = ["ort", "sqlx::postgres::notice"];
 
 /// Logs to stderr, filtered by `RUST_LOG` when set, else by `log.level`; `log.format` picks

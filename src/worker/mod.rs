@@ -159,7 +159,7 @@ pub async fn run_with(
     tokio::pin!(shutdown);
     let mut delay = initial_delay;
     let result = loop {
-        let session = match connect_broker(&config.broker.url, &topology).await {
+        let ended = match connect_broker(&config.broker.url, &topology).await {
             Ok(broker) => {
                 let shared = Arc::new(Shared {
                     config: config.clone(),
@@ -168,19 +168,19 @@ pub async fn run_with(
                     broker,
                     worker_id: worker_id.clone(),
                 });
-                let session = run_session(&shared, &options, shutdown.as_mut()).await;
+                let ended = run_connected(&shared, &options, shutdown.as_mut()).await;
                 shared.broker.close().await;
-                session
+                ended
             }
-            Err(err) => SessionEnd::Failed {
+            Err(err) => ConnectionEnd::Failed {
                 error: err,
                 started: false,
             },
         };
-        let error = match session {
-            SessionEnd::Shutdown(result) => break result,
-            SessionEnd::Failed { error, .. } if !reconnects_after(&error) => break Err(error),
-            SessionEnd::Failed { error, started } => {
+        let error = match ended {
+            ConnectionEnd::Shutdown(result) => break result,
+            ConnectionEnd::Failed { error, .. } if !reconnects_after(&error) => break Err(error),
+            ConnectionEnd::Failed { error, started } => {
                 if started {
                     delay = initial_delay;
                 }
@@ -217,8 +217,8 @@ fn reconnects_after(error: &WorkerError) -> bool {
     }
 }
 
-/// How one connected session of the worker ended.
-enum SessionEnd {
+/// How one run of the worker on a broker connection ended.
+enum ConnectionEnd {
     /// `shutdown` resolved; the result of stopping.
     Shutdown(Result<(), WorkerError>),
     /// A part failed; `started` tells whether every part had started.
@@ -227,17 +227,17 @@ enum SessionEnd {
 
 /// Runs the intake and the consumers on one broker connection until `shutdown` resolves or a
 /// part fails; then stops every part.
-async fn run_session(
+async fn run_connected(
     shared: &Arc<Shared>,
     options: &RunOptions,
     shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> SessionEnd {
+) -> ConnectionEnd {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     if let Err(error) = start_tasks(shared, options, &stop_rx, &mut tasks).await {
         let _ = stop_tx.send(true);
         drain(&mut tasks).await;
-        return SessionEnd::Failed {
+        return ConnectionEnd::Failed {
             error,
             started: false,
         };
@@ -262,10 +262,10 @@ async fn run_session(
     let _ = stop_tx.send(true);
     let drained = drain(&mut tasks).await;
     match failure {
-        None => SessionEnd::Shutdown(drained.map_or(Ok(()), Err)),
+        None => ConnectionEnd::Shutdown(drained.map_or(Ok(()), Err)),
         Some(error) => {
             tracing::error!(error = %error, code = error.code(), "a worker task stopped; stopping the others");
-            SessionEnd::Failed {
+            ConnectionEnd::Failed {
                 error,
                 started: true,
             }

@@ -1,6 +1,6 @@
 //! A whole worker stack for end-to-end tests: a Postgres schema, a queue prefix and a storage
 //! prefix of its own (local directory or a moto S3 server), the real worker running in this
-//! process, and helpers to publish messages and read rows back.
+//! process, and functions to publish messages and read rows back.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
