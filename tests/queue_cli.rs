@@ -1,5 +1,6 @@
-//! The command line against the real services: `worker` (stopped with SIGTERM), `submit
-//! --wait`, `status` (including an unknown id) and `demo`, each run as the built binary.
+//! The command line against the real services: `worker` (stopped with SIGTERM), `submit`
+//! (flags with `--wait`, or `--json FILE`), `status` (including an unknown id) and `demo`, each
+//! run as the built binary.
 
 mod support;
 
@@ -82,6 +83,54 @@ async fn status_of_an_unknown_id_is_not_found_with_exit_code_2() {
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
     assert!(text(&output.stderr).contains("not found"));
     assert!(output.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_json_gets_an_id_and_status_shows_the_queued_row() {
+    let deployment = Deployment::new("cli-json").await;
+    // An intake-only worker: the job is recorded but never run.
+    let mut worker = deployment
+        .command(&["worker", "--intake-only"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the worker");
+    let file = deployment.cwd.path().join("job.json");
+    std::fs::write(
+        &file,
+        r#"{"version": 1, "prompt": "a blue heron", "width": 64, "height": 64, "priority": 6}"#,
+    )
+    .unwrap();
+    let output = deployment.run(&["submit", "--json", file.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let id = text(&output.stdout).trim().to_owned();
+    Uuid::parse_str(&id).expect("the generated id is printed");
+
+    let mut row = serde_json::Value::Null;
+    for _ in 0..100 {
+        let status = deployment.run(&["status", &id]);
+        if status.status.success() {
+            row = serde_json::from_slice(&status.stdout).expect("JSON");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(row["state"], "queued", "{row}");
+    assert_eq!(row["priority"], 6);
+    assert_eq!(row["request"]["prompt"], "a blue heron");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(wait_exit(&mut worker, Duration::from_secs(60)).success());
+    let topology = sdxl_worker::broker::Topology::new(deployment.prefix.clone(), 5);
+    let broker = sdxl_worker::broker::Broker::connect(&support::broker_url(), topology)
+        .await
+        .unwrap();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
