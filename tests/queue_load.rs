@@ -62,3 +62,44 @@ async fn a_hundred_jobs_through_two_consumers_succeed_once_each() {
     }
     stack.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_prefetch_two_jobs_overlap_only_outside_the_engine() {
+    let stack = Stack::new("prefetch2", StorageKind::Local).await;
+    let mut config = stack.config.clone();
+    config.worker.prefetch = 2;
+    let worker = stack.start_worker_with(config, RunOptions::default());
+
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        let mut job = small_job(*id);
+        job["steps"] = 4.into();
+        stack.publish(&job).await;
+    }
+    let mut runs = Vec::new();
+    for id in &ids {
+        let row = stack.wait_terminal(*id, Duration::from_secs(120)).await;
+        assert_eq!(row.state, JobState::Succeeded, "{row:#?}");
+        assert_eq!(row.attempt, 1);
+        let metrics = stack.db.db.get_metrics(*id).await.unwrap().unwrap();
+        let engine_ms = metrics.model_load_ms
+            + metrics.text_encoding_ms
+            + metrics.denoising_ms
+            + metrics.vae_ms;
+        runs.push((row.started_at.unwrap(), engine_ms));
+    }
+    // One job at a time in the engine: each attempt starts after the previous one's engine
+    // work is over (1 ms of slack for the two clocks).
+    runs.sort_by_key(|(started, _)| *started);
+    for pair in runs.windows(2) {
+        let (first_start, first_engine_ms) = pair[0];
+        let gap_ms = (pair[1].0 - first_start).num_microseconds().unwrap() as f64 / 1000.0;
+        assert!(
+            gap_ms + 1.0 >= first_engine_ms,
+            "a job started {gap_ms} ms after the previous one, whose engine work took {first_engine_ms} ms"
+        );
+    }
+    assert_eq!(stack.local_files().len(), ids.len());
+    worker.stop().await.unwrap();
+    stack.teardown().await;
+}

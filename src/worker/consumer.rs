@@ -1,6 +1,7 @@
 //! A GPU-scoped consumer: one per device. It pulls work with basic.get, the high lane always
 //! before the normal lane, only while it holds fewer than `worker.prefetch` jobs, and runs each
-//! job's inference on its own engine thread.
+//! job's inference on its own engine thread, one job at a time. With `worker.prefetch` 2 the
+//! next job's denoising overlaps the previous job's PNG encoding, upload and result write.
 //!
 //! On stop it takes no new job and gives the jobs in flight `worker.shutdown_grace_ms` to
 //! finish; jobs still running then are stopped at their next step and returned to the queue.
@@ -24,6 +25,8 @@ pub(crate) struct ConsumerContext {
     /// `cpu` or `cuda:N`, as recorded in job rows.
     pub device: String,
     pub engine: EngineThread,
+    /// Held by the job that is using the engine.
+    pub engine_slot: Semaphore,
     pub gpu_memory: Option<GpuMemoryProbe>,
     /// Set when the shutdown grace period is over: running jobs stop and go back to the queue.
     pub abort: watch::Receiver<bool>,
@@ -63,6 +66,7 @@ impl GpuConsumer {
             shared,
             device: device.to_string(),
             engine,
+            engine_slot: Semaphore::new(1),
             gpu_memory: nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device)),
             abort: abort_rx,
         };

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
+use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
@@ -58,6 +59,18 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     };
     let id = job.id;
 
+    // One job at a time uses the engine. A job held beside it (`worker.prefetch` > 1) waits
+    // here, still `queued`, so that its attempt and its queue wait start when the engine is
+    // free, while the job before it encodes and uploads its images.
+    let mut abort = ctx.abort.clone();
+    let slot = tokio::select! {
+        slot = ctx.engine_slot.acquire() => slot.ok(),
+        () = super::signalled(&mut abort) => None,
+    };
+    let Some(slot) = slot else {
+        return Disposition::retry(id, None, WorkerError::ShuttingDown);
+    };
+
     let (attempt, queued_at) = match start(ctx, &job).await {
         Ok(Some(started)) => started,
         Ok(None) => return Disposition::Ack,
@@ -82,7 +95,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
         queue_wait,
         received,
     };
-    execute(ctx, &job, started).await
+    execute(ctx, &job, started, slot).await
 }
 
 /// A job whose attempt has started.
@@ -94,7 +107,12 @@ struct Started {
 }
 
 /// Runs the engine and turns its outcome into a disposition.
-async fn execute(ctx: &ConsumerContext, job: &ValidJob, started: Started) -> Disposition {
+async fn execute(
+    ctx: &ConsumerContext,
+    job: &ValidJob,
+    started: Started,
+    engine_slot: SemaphorePermit<'_>,
+) -> Disposition {
     let shared = &ctx.shared;
     let (id, attempt) = (job.id, started.attempt);
     let Some(model) = shared.config.models.get(&job.model) else {
@@ -111,6 +129,7 @@ async fn execute(ctx: &ConsumerContext, job: &ValidJob, started: Started) -> Dis
         path: model.path.clone(),
     };
     let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone()).await;
+    drop(engine_slot);
     let RunOutcome {
         result,
         stop,
