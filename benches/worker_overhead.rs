@@ -3,14 +3,14 @@
 //! outside ONNX Runtime's `Session::run` goes.
 //!
 //!   cargo bench --bench worker_overhead                  # 50 jobs, 64x64, 4 steps
-//!   BENCH_JOBS=200 BENCH_STEPS=8 BENCH_SIZE=128 cargo bench --bench worker_overhead
+//!   BENCH_JOBS=200 BENCH_STEPS=8 BENCH_SIZE=128 BENCH_PREFETCH=2 cargo bench --bench worker_overhead
 //!
 //! Under `cargo test` it runs 3 jobs as a smoke test. Postgres and RabbitMQ come from
 //! `SDXL_TEST_DATABASE_URL` / `SDXL_TEST_BROKER_URL` (default: the local servers); the run
 //! uses its own schema and queue prefix and removes them afterwards.
 //!
 //! Columns (milliseconds, per job):
-//! - `total`: from the consumer receiving the message to the result being written;
+//! - `total`: from the job getting the engine (its attempt starts) to the result being written;
 //! - `session_run`: inside `Session::run` while denoising;
 //! - `engine_other`: the rest of the engine (text encoding, VAE, scheduler, tensors);
 //! - `overhead`: `total − (text encoding + denoising + VAE)`, the worker's own cost, split into
@@ -32,6 +32,7 @@ struct Settings {
     jobs: usize,
     steps: u32,
     size: u32,
+    prefetch: u32,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -48,12 +49,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             jobs: env_or("BENCH_JOBS", 50),
             steps: env_or("BENCH_STEPS", 4),
             size: env_or("BENCH_SIZE", 64),
+            prefetch: env_or("BENCH_PREFETCH", 1),
         }
     } else {
         Settings {
             jobs: 3,
             steps: 2,
             size: 64,
+            prefetch: 1,
         }
     };
     let runtime = tokio::runtime::Runtime::new()?;
@@ -80,6 +83,7 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     };
     config.worker.devices = DevicesSetting::List(vec![Device::Cpu]);
     config.worker.poll_interval_ms = 10;
+    config.worker.prefetch = settings.prefetch;
     for model in &mut config.models.models {
         if model.name == "tiny-sdxl" {
             model.path =
@@ -227,11 +231,12 @@ const COLUMNS: [Column; 8] = [
 fn report(settings: &Settings, metrics: &[JobMetrics], wall: Duration) {
     let rows: Vec<Breakdown> = metrics.iter().map(Breakdown::of).collect();
     println!(
-        "worker overhead: {} jobs, {}x{}, {} steps, 1 CPU consumer, tiny model",
+        "worker overhead: {} jobs, {}x{}, {} steps, 1 CPU consumer (prefetch {}), tiny model",
         metrics.len(),
         settings.size,
         settings.size,
-        settings.steps
+        settings.steps,
+        settings.prefetch
     );
     println!(
         "{:<14} {:>10} {:>10} {:>10}",

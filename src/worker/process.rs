@@ -37,7 +37,6 @@ pub(crate) async fn handle(ctx: &ConsumerContext, message: Incoming) {
 }
 
 async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
-    let received = Instant::now();
     let shared = &ctx.shared;
     let job = match job::parse_and_validate(
         &message.body,
@@ -70,6 +69,8 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     let Some(slot) = slot else {
         return Disposition::retry(id, None, WorkerError::ShuttingDown);
     };
+    // `total_ms` starts here: time spent waiting for the engine is queue wait.
+    let began = Instant::now();
 
     let (attempt, queued_at) = match start(ctx, &job).await {
         Ok(Some(started)) => started,
@@ -93,7 +94,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     let started = Started {
         attempt,
         queue_wait,
-        received,
+        began,
     };
     execute(ctx, &job, started, slot).await
 }
@@ -102,8 +103,8 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
 struct Started {
     attempt: i32,
     queue_wait: Duration,
-    /// When the consumer received the message (the start of `total_ms`).
-    received: Instant,
+    /// When the job got the engine (the start of `total_ms`).
+    began: Instant,
 }
 
 /// Runs the engine and turns its outcome into a disposition.
@@ -221,7 +222,7 @@ async fn store(
         vae_ms: ms(timings.vae_decode),
         png_ms: ms(png_time),
         upload_ms: ms(upload_time),
-        total_ms: ms(started.received.elapsed()),
+        total_ms: ms(started.began.elapsed()),
         peak_gpu_mem_bytes,
     };
     match shared.db.succeed(id, attempt, &images, &metrics).await {
