@@ -126,7 +126,10 @@ fn every_sdxl_variable_is_a_configuration_key_and_loads() {
     );
     let gpu = load_config(&environment(service(&compose, "worker-gpu")));
     assert_eq!(gpu.worker.devices, DevicesSetting::Auto);
-    assert_eq!(gpu.worker.prefetch, 2, "GPU workers overlap encoding with the next job");
+    assert_eq!(
+        gpu.worker.prefetch, 2,
+        "GPU workers overlap encoding with the next job"
+    );
 }
 
 #[test]
