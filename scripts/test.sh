@@ -4,7 +4,7 @@
 #   scripts/test.sh [extra cargo test arguments]
 #
 # - installs ONNX Runtime's CPU library (scripts/setup-ort.sh) and points ORT_DYLIB_PATH at it;
-# - installs the Python tools the tests drive (moto's S3 server, pika) when they are missing;
+# - installs the Python tools the tests drive (moto's S3 server, pika, jsonschema) when they are missing;
 # - starts the local PostgreSQL and RabbitMQ when they do not answer;
 # - runs `cargo test --all-targets`.
 #
@@ -27,6 +27,7 @@ echo "ONNX Runtime: $ORT_DYLIB_PATH"
 missing=()
 python3 -c "import moto.server, flask_cors" 2>/dev/null || missing+=("moto[server]")
 python3 -c "import pika" 2>/dev/null || missing+=("pika")
+python3 -c "import jsonschema" 2>/dev/null || missing+=("jsonschema")
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "Installing ${missing[*]} ..."
   python3 -m pip install -q "${missing[@]}"
