@@ -38,6 +38,7 @@ fn main() {
         &EngineOptions {
             device: Device::Cpu,
             intra_threads: Some(1),
+            tf32: false,
         },
     )
     .expect("load the tiny pipeline");

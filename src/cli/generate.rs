@@ -66,6 +66,9 @@ pub struct GenerateArgs {
     /// CPU threads per operator (default: ONNX Runtime's choice).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// On CUDA, let float32 math use TF32 tensor cores (faster, less exact).
+    #[arg(long)]
+    pub tf32: bool,
     /// Output PNG path.
     #[arg(long, default_value = "out.png")]
     pub out: PathBuf,
@@ -104,6 +107,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let options = EngineOptions {
         device: args.device,
         intra_threads: args.threads,
+        tf32: args.tf32,
     };
     let engine = Engine::load(&args.model, &options)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;

@@ -57,6 +57,7 @@ impl Engine {
         let session_options = SessionOptions {
             device: options.device,
             intra_threads: options.intra_threads,
+            tf32: options.tf32,
         };
         let model = SdxlModel::load(model_dir.as_ref(), &session_options)?;
         // Fail at load, not at the first request, if the scheduler configuration is unusable.

@@ -109,6 +109,8 @@ pub struct SessionOptions {
     pub device: Device,
     /// Threads inside one operator on CPU (`None`: ONNX Runtime's default).
     pub intra_threads: Option<usize>,
+    /// CUDA only: allow TF32 for float32 math (see [`crate::engine::EngineOptions::tf32`]).
+    pub tf32: bool,
 }
 
 /// Build a session for the ONNX graph at `path` on `options.device`.
@@ -148,6 +150,7 @@ pub fn load_session(path: &Path, options: &SessionOptions) -> Result<Session, En
             })?;
             let cuda = ep::CUDA::default()
                 .with_device_id(device_id)
+                .with_tf32(options.tf32)
                 .build()
                 .error_on_failure();
             builder = builder.with_execution_providers([cuda]).map_err(|e| {

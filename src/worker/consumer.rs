@@ -56,6 +56,7 @@ impl GpuConsumer {
             } else {
                 None
             },
+            ..EngineOptions::default()
         };
         let engine = EngineThread::spawn(options).map_err(|source| WorkerError::EngineThread {
             device: device.to_string(),

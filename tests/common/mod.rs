@@ -28,6 +28,7 @@ fn test_options() -> EngineOptions {
     EngineOptions {
         device: test_device(),
         intra_threads: Some(1),
+        tf32: false,
     }
 }
 
