@@ -47,7 +47,7 @@ fn embedded_defaults_run_the_local_demo() {
     assert_eq!(
         cfg.storage,
         StorageConfig::Local {
-            path: PathBuf::from("out/images"),
+            path: PathBuf::from("out"),
             prefix: String::new()
         }
     );

@@ -234,7 +234,7 @@ impl Default for StorageSettings {
         StorageSettings {
             backend: "local".to_owned(),
             prefix: String::new(),
-            path: PathBuf::from("out/images"),
+            path: PathBuf::from("out"),
             s3_endpoint: None,
             s3_region: "us-east-1".to_owned(),
             s3_bucket: String::new(),

@@ -119,7 +119,7 @@ impl StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig::Local {
-            path: PathBuf::from("out/images"),
+            path: PathBuf::from("out"),
             prefix: String::new(),
         }
     }
