@@ -58,7 +58,7 @@ fn images(job: &ValidJob) -> Vec<ImageRecord> {
 }
 
 async fn start(db: &Db, id: Uuid, worker: &str) -> i32 {
-    match db.start_attempt(id, worker, "cuda:0").await.unwrap() {
+    match db.start_attempt(id, worker, "cuda:0", true).await.unwrap() {
         StartOutcome::Started { attempt, .. } => attempt,
         other => panic!("expected Started, got {other:?}"),
     }
@@ -85,7 +85,7 @@ async fn job_life_cycle_from_queued_to_succeeded() {
     assert!(row.queued_at.is_some() && row.started_at.is_none() && row.finished_at.is_none());
 
     let StartOutcome::Started { attempt, queued_at } = db
-        .start_attempt(job.id, "worker-a", "cuda:0")
+        .start_attempt(job.id, "worker-a", "cuda:0", true)
         .await
         .unwrap()
     else {
@@ -119,7 +119,7 @@ async fn job_life_cycle_from_queued_to_succeeded() {
 
     // A duplicate delivery of a finished job is recognised and skipped.
     assert_eq!(
-        db.start_attempt(job.id, "worker-b", "cuda:1")
+        db.start_attempt(job.id, "worker-b", "cuda:1", true)
             .await
             .unwrap(),
         StartOutcome::AlreadyTerminal(JobState::Succeeded)
@@ -134,6 +134,14 @@ async fn a_stale_attempt_cannot_overwrite_a_newer_one() {
     db.insert_queued(&job).await.unwrap();
 
     let old = start(db, job.id, "worker-a").await;
+    // A second copy of the message (not a redelivery) leaves the running attempt alone.
+    assert_eq!(
+        db.start_attempt(job.id, "worker-c", "cpu", false)
+            .await
+            .unwrap(),
+        StartOutcome::InHand
+    );
+    assert_eq!(db.get(job.id).await.unwrap().unwrap().attempt, 1);
     // The message is redelivered to another worker (the first looked dead).
     let new = start(db, job.id, "worker-b").await;
     assert_eq!((old, new), (1, 2));
@@ -216,7 +224,7 @@ async fn unknown_ids_are_not_found() {
     assert_eq!(db.get(id).await.unwrap(), None);
     assert_eq!(db.get_metrics(id).await.unwrap(), None);
     assert_eq!(
-        db.start_attempt(id, "w", "cpu").await.unwrap(),
+        db.start_attempt(id, "w", "cpu", true).await.unwrap(),
         StartOutcome::NotFound
     );
     assert!(!db.update_progress(id, 1, 1, 2).await.unwrap());
@@ -253,7 +261,7 @@ async fn invalid_messages_get_a_failed_row_with_field_errors() {
     assert_eq!(row.request, body);
     assert!(row.finished_at.is_some());
     assert_eq!(
-        db.start_attempt(id, "w", "cpu").await.unwrap(),
+        db.start_attempt(id, "w", "cpu", true).await.unwrap(),
         StartOutcome::AlreadyTerminal(JobState::Failed)
     );
 }
@@ -363,7 +371,7 @@ async fn cancelling_queued_and_running_jobs() {
         CancelOutcome::Cancelled
     );
     assert_eq!(
-        db.start_attempt(queued.id, "w", "cpu").await.unwrap(),
+        db.start_attempt(queued.id, "w", "cpu", true).await.unwrap(),
         StartOutcome::AlreadyTerminal(JobState::Cancelled)
     );
 
@@ -393,7 +401,9 @@ async fn cancelling_queued_and_running_jobs() {
     start(db, orphan.id, "w-dead").await;
     db.cancel(orphan.id).await.unwrap();
     assert_eq!(
-        db.start_attempt(orphan.id, "w-new", "cpu").await.unwrap(),
+        db.start_attempt(orphan.id, "w-new", "cpu", true)
+            .await
+            .unwrap(),
         StartOutcome::AlreadyTerminal(JobState::Cancelled)
     );
 }

@@ -130,13 +130,27 @@ async fn a_job_whose_attempts_never_finished_is_failed_and_dead_lettered() {
         .wait_row(id, Duration::from_secs(30), queue_harness::is_queued)
         .await;
     // Three workers started the job and died without a result (a poison job that crashes
-    // the process): each start took the job over with a new attempt number.
+    // the process): each took the message, so the broker hands it out again marked
+    // redelivered, and each start took the job over with a new attempt number.
+    let work_queue = stack.broker.topology().work_queue(Lane::Normal);
+    let mut held = None;
+    for _ in 0..100 {
+        held = stack.broker.get(&work_queue).await.unwrap();
+        if held.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.expect("the job reaches the work queue")
+        .nack_requeue()
+        .await
+        .unwrap();
     let max_attempts = stack.config.worker.max_attempts;
     for _ in 0..max_attempts {
         let outcome = stack
             .db
             .db
-            .start_attempt(id, "crashed-worker", "cpu")
+            .start_attempt(id, "crashed-worker", "cpu", true)
             .await
             .unwrap();
         assert!(matches!(
@@ -168,6 +182,48 @@ async fn a_job_whose_attempts_never_finished_is_failed_and_dead_lettered() {
     dead.ack().await.unwrap();
 
     consumer.stop().await.unwrap();
+    intake.stop().await.unwrap();
+    stack.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_published_twice_without_a_seed_runs_with_the_seed_recorded_first() {
+    let stack = Stack::new("dupseed", StorageKind::Local).await;
+    let intake = stack.start_worker(queue_harness::intake_only());
+    let id = Uuid::new_v4();
+    let mut job = small_job(id);
+    job.as_object_mut().unwrap().remove("seed");
+    stack.publish(&job).await;
+    stack.publish(&job).await;
+
+    // Both copies reach the work queue (the row is still queued), carrying one seed: the
+    // one drawn for the first copy and recorded in the row.
+    let queue = stack.broker.topology().work_queue(Lane::Normal);
+    let mut seeds = Vec::new();
+    for _ in 0..200 {
+        if seeds.len() == 2 {
+            break;
+        }
+        match stack.broker.get(&queue).await.unwrap() {
+            Some(message) => {
+                let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+                seeds.push(body["seed"].as_u64().expect("routed messages carry a seed"));
+                message.ack().await.unwrap();
+            }
+            None => tokio::time::sleep(Duration::from_millis(25)).await,
+        }
+    }
+    assert_eq!(
+        seeds.len(),
+        2,
+        "both copies are routed while the job is queued"
+    );
+    let row = stack.db.db.get(id).await.unwrap().unwrap();
+    let recorded = row.request["seed"]
+        .as_u64()
+        .expect("the row records the seed");
+    assert_eq!(seeds, vec![recorded, recorded]);
+
     intake.stop().await.unwrap();
     stack.teardown().await;
 }

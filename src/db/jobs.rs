@@ -60,14 +60,16 @@ impl Db {
         Ok(())
     }
 
-    /// Start a new attempt of a queued job, or take over a running one whose worker is gone
-    /// (its message was redelivered). The attempt number grows by one and fences out the
-    /// previous attempt. A running job whose cancellation was asked for becomes `cancelled`.
+    /// Start a new attempt of a queued job, or, with `take_over_running`, of a running one
+    /// whose worker is gone (its message was redelivered); without it a running job gives
+    /// [`StartOutcome::InHand`]. The attempt number grows by one and fences out the previous
+    /// attempt. A job whose cancellation was asked for becomes `cancelled`.
     pub async fn start_attempt(
         &self,
         id: Uuid,
         worker_id: &str,
         device: &str,
+        take_over_running: bool,
     ) -> Result<StartOutcome, DbError> {
         let op = "start_attempt";
         let mut tx = self.pool().begin().await.map_err(query_error(op))?;
@@ -97,6 +99,10 @@ impl Db {
             .map_err(query_error(op))?;
             tx.commit().await.map_err(query_error(op))?;
             return Ok(StartOutcome::AlreadyTerminal(JobState::Cancelled));
+        }
+        if state == JobState::Running && !take_over_running {
+            tx.rollback().await.map_err(query_error(op))?;
+            return Ok(StartOutcome::InHand);
         }
         let row = sqlx::query(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $2, \

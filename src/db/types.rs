@@ -128,6 +128,9 @@ pub enum StartOutcome {
     },
     /// The job has already finished (or was cancelled); the message is a duplicate.
     AlreadyTerminal(JobState),
+    /// Another attempt is running the job and this start may not take it over (the message
+    /// is a duplicate, not a redelivery).
+    InHand,
     /// No row has this id.
     NotFound,
 }

@@ -98,13 +98,17 @@ async fn handle(shared: &Shared, message: Incoming) {
 }
 
 async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome {
-    match shared.db.insert_queued(job).await {
-        Ok(true) => {}
+    // The body routed to the work queues: the normalized message as first recorded, so that a
+    // duplicate publish without a seed cannot run with a different drawn seed.
+    let body = match shared.db.insert_queued(job).await {
+        Ok(true) => job.to_body(),
         Ok(false) => {
             // A duplicate publish or a redelivery. Route it again only while the job is still
             // queued (its earlier routing may not have happened); otherwise it is in hand.
             match shared.db.get(job.id).await {
-                Ok(Some(row)) if row.state == JobState::Queued => {}
+                Ok(Some(row)) if row.state == JobState::Queued => {
+                    serde_json::to_vec(&row.request).unwrap_or_else(|_| job.to_body())
+                }
                 Ok(_) => {
                     tracing::info!(job_id = %job.id, "duplicate job message: already in hand");
                     return Outcome::Ack;
@@ -113,7 +117,7 @@ async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome 
             }
         }
         Err(err) => return Outcome::Retry(err.into()),
-    }
+    };
     let priority = job
         .priority
         .max(message.priority().unwrap_or(0).min(job::MAX_PRIORITY));
@@ -122,11 +126,7 @@ async fn accept(shared: &Shared, message: &Incoming, job: &ValidJob) -> Outcome 
         .with_message_id(ShortString::from(job.id.to_string()))
         .with_content_type(ShortString::from("application/json"))
         .with_priority(priority);
-    match shared
-        .broker
-        .publish_work(lane, &job.to_body(), properties)
-        .await
-    {
+    match shared.broker.publish_work(lane, &body, properties).await {
         Ok(()) => {
             tracing::debug!(job_id = %job.id, lane = lane.routing_key(), "job queued");
             Outcome::Ack

@@ -72,7 +72,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     // `total_ms` starts here: time spent waiting for the engine is queue wait.
     let began = Instant::now();
 
-    let (attempt, queued_at) = match start(ctx, &job).await {
+    let (attempt, queued_at) = match start(ctx, &job, message.redelivered).await {
         Ok(Some(started)) => started,
         Ok(None) => return Disposition::Ack,
         Err(err) => return Disposition::retry(id, None, err),
@@ -239,23 +239,34 @@ async fn store(
     }
 }
 
-/// Starts an attempt. `None`: the job is already terminal (a duplicate delivery).
+/// Starts an attempt. `None`: the job is already terminal or running elsewhere (a duplicate).
 async fn start(
     ctx: &ConsumerContext,
     job: &ValidJob,
+    redelivered: bool,
 ) -> Result<Option<(i32, chrono::DateTime<Utc>)>, WorkerError> {
     let db = &ctx.shared.db;
     let worker_id = &ctx.shared.worker_id;
-    let mut outcome = db.start_attempt(job.id, worker_id, &ctx.device).await?;
+    // Only a redelivered message may take over a running attempt (its worker is gone); a
+    // second copy of a job that is running elsewhere is a duplicate.
+    let mut outcome = db
+        .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+        .await?;
     if outcome == StartOutcome::NotFound {
         // Published straight to a work queue, past the intake: record it now.
         db.insert_queued(job).await?;
-        outcome = db.start_attempt(job.id, worker_id, &ctx.device).await?;
+        outcome = db
+            .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+            .await?;
     }
     match outcome {
         StartOutcome::Started { attempt, queued_at } => Ok(Some((attempt, queued_at))),
         StartOutcome::AlreadyTerminal(state) => {
             tracing::info!(job_id = %job.id, %state, "job already finished: skipping the duplicate");
+            Ok(None)
+        }
+        StartOutcome::InHand => {
+            tracing::info!(job_id = %job.id, "job is running elsewhere: skipping the duplicate");
             Ok(None)
         }
         StartOutcome::NotFound => {
