@@ -197,14 +197,9 @@ async fn a_job_that_cannot_reach_a_work_queue_is_failed_and_dead_lettered() {
     assert_eq!(row.error_code.as_deref(), Some("broker_unroutable"));
 
     let dead_queue = stack.broker.topology().dead_queue();
-    let mut dead = None;
-    for _ in 0..100 {
-        dead = stack.broker.get(&dead_queue).await.unwrap();
-        if dead.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = stack
+        .next_message(&dead_queue, Duration::from_secs(5))
+        .await;
     let dead = dead.expect("the message is dead-lettered");
     assert_eq!(
         dead.header_str(HEADER_ERROR_CODE).as_deref(),

@@ -38,14 +38,7 @@ async fn a_redelivered_message_of_a_succeeded_job_is_acked_without_a_second_resu
         .await
         .unwrap();
     let queue = stack.broker.topology().work_queue(Lane::Normal);
-    let mut taken = None;
-    for _ in 0..100 {
-        taken = stack.broker.get(&queue).await.unwrap();
-        if taken.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let taken = stack.next_message(&queue, Duration::from_secs(2)).await;
     taken.expect("work message").nack_requeue().await.unwrap();
     // And the producer publishes the job a second time.
     stack.publish(&job).await;
@@ -99,14 +92,9 @@ async fn a_job_whose_storage_keeps_failing_is_retried_then_dead_lettered() {
     assert!(row.images.is_empty());
 
     let dead_queue = stack.broker.topology().dead_queue();
-    let mut dead = None;
-    for _ in 0..100 {
-        dead = stack.broker.get(&dead_queue).await.unwrap();
-        if dead.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = stack
+        .next_message(&dead_queue, Duration::from_secs(5))
+        .await;
     let dead = dead.expect("the message is dead-lettered");
     assert_eq!(dead.message_id(), Some(id.to_string().as_str()));
     assert_eq!(
@@ -133,14 +121,9 @@ async fn a_job_whose_attempts_never_finished_is_failed_and_dead_lettered() {
     // the process): each took the message, so the broker hands it out again marked
     // redelivered, and each start took the job over with a new attempt number.
     let work_queue = stack.broker.topology().work_queue(Lane::Normal);
-    let mut held = None;
-    for _ in 0..100 {
-        held = stack.broker.get(&work_queue).await.unwrap();
-        if held.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let held = stack
+        .next_message(&work_queue, Duration::from_secs(5))
+        .await;
     held.expect("the job reaches the work queue")
         .nack_requeue()
         .await
@@ -166,14 +149,9 @@ async fn a_job_whose_attempts_never_finished_is_failed_and_dead_lettered() {
     assert!(row.images.is_empty());
 
     let dead_queue = stack.broker.topology().dead_queue();
-    let mut dead = None;
-    for _ in 0..100 {
-        dead = stack.broker.get(&dead_queue).await.unwrap();
-        if dead.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = stack
+        .next_message(&dead_queue, Duration::from_secs(5))
+        .await;
     let dead = dead.expect("the message is dead-lettered");
     assert_eq!(
         dead.header_str(HEADER_ERROR_CODE).as_deref(),
@@ -200,17 +178,12 @@ async fn a_job_published_twice_without_a_seed_runs_with_the_seed_recorded_first(
     // one drawn for the first copy and recorded in the row.
     let queue = stack.broker.topology().work_queue(Lane::Normal);
     let mut seeds = Vec::new();
-    for _ in 0..200 {
+    while let Some(message) = stack.next_message(&queue, Duration::from_secs(5)).await {
+        let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+        seeds.push(body["seed"].as_u64().expect("routed messages carry a seed"));
+        message.ack().await.unwrap();
         if seeds.len() == 2 {
             break;
-        }
-        match stack.broker.get(&queue).await.unwrap() {
-            Some(message) => {
-                let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
-                seeds.push(body["seed"].as_u64().expect("routed messages carry a seed"));
-                message.ack().await.unwrap();
-            }
-            None => tokio::time::sleep(Duration::from_millis(25)).await,
         }
     }
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lapin::types::ShortString;
 use lapin::BasicProperties;
-use sdxl_worker::broker::{Broker, Topology};
+use sdxl_worker::broker::{Broker, Incoming, Topology};
 use sdxl_worker::config::{Config, DevicesSetting, StorageConfig};
 use sdxl_worker::db::{JobRow, JobState};
 use sdxl_worker::engine::Device;
@@ -70,6 +70,20 @@ fn s3_credentials_in_env() {
 }
 
 impl Stack {
+    /// The next message on `queue`, polling until `timeout`; `None` if none arrived.
+    pub async fn next_message(&self, queue: &str, timeout: Duration) -> Option<Incoming> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(message) = self.broker.get(queue).await.unwrap() {
+                return Some(message);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn new(label: &str, storage: StorageKind) -> Stack {
         s3_credentials_in_env();
         let db = TestDb::new(label).await;
