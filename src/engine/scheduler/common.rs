@@ -404,6 +404,37 @@ pub(crate) fn input_scale(sigma: f32) -> f32 {
     (sigma * sigma + 1.0).sqrt()
 }
 
+/// The timesteps and sigmas (with the final 0) of the k-diffusion style schedulers that
+/// interpolate sigmas linearly at spaced timesteps, optionally replaced by Karras sigmas (as
+/// diffusers' Heun and LMS schedulers do). Sigmas are rounded through `f32` like diffusers'
+/// float32 tensors.
+pub(crate) fn k_sigma_schedule(
+    config: &SchedulerConfig,
+    train: &TrainSchedule,
+    num_train_timesteps: u32,
+    steps: usize,
+    spacing: TimestepSpacing,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut timesteps = spaced_timesteps_f32(
+        spacing,
+        num_train_timesteps,
+        steps,
+        config.steps_offset.unwrap_or(0),
+    );
+    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| train.interp_sigma(t)).collect();
+    if config.use_karras_sigmas.unwrap_or(false) {
+        sigmas = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
+        let log_sigmas = train.log_sigmas();
+        timesteps = sigmas
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64)
+            .collect();
+    }
+    sigmas.push(0.0);
+    let sigmas = sigmas.into_iter().map(|s| s as f32 as f64).collect();
+    (timesteps, sigmas)
+}
+
 /// diffusers' `init_noise_sigma` of the sigma-based schedulers: the largest sigma for
 /// `linspace`/`trailing` spacing, `(σ_max² + 1)^½` for `leading`.
 pub(crate) fn k_init_noise_sigma(spacing: TimestepSpacing, sigmas: &[f64]) -> f64 {

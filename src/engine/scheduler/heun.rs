@@ -46,23 +46,8 @@ impl Heun {
         let train = TrainSchedule::new(&params, true)?;
         let n = common::check_steps(steps, params.num_train_timesteps)?;
         let spacing = config.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
-        let mut timesteps = common::spaced_timesteps_f32(
-            spacing,
-            params.num_train_timesteps,
-            n,
-            config.steps_offset.unwrap_or(0),
-        );
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| train.interp_sigma(t)).collect();
-        if config.use_karras_sigmas.unwrap_or(false) {
-            sigmas = common::karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], n);
-            let log_sigmas = train.log_sigmas();
-            timesteps = sigmas
-                .iter()
-                .map(|&s| common::sigma_to_t(s, &log_sigmas) as f32 as f64)
-                .collect();
-        }
-        sigmas.push(0.0);
-        let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
+        let (timesteps, sigmas) =
+            common::k_sigma_schedule(config, &train, params.num_train_timesteps, n, spacing);
 
         let mut inter_sigmas = vec![sigmas[0]];
         for &s in &sigmas[1..sigmas.len() - 1] {
