@@ -1,6 +1,7 @@
 //! Stopping and cancelling: a graceful stop finishes the job in flight; a job still running
 //! when the shutdown grace period ends goes back to the queue and a later worker finishes it;
-//! a running job that is cancelled stops at its next step and ends `cancelled`.
+//! a running job that is cancelled stops at its next step and ends `cancelled`. The worker's
+//! heartbeat row shows the job it runs, and says it stopped once it has.
 
 mod queue_harness;
 mod support;
@@ -32,16 +33,71 @@ async fn wait_running(stack: &Stack, id: Uuid) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_finishes_the_job_in_flight() {
     let stack = Stack::new("stop-finish", StorageKind::Local).await;
-    let worker = stack.start_worker(RunOptions::default());
+    let mut config = stack.config.clone();
+    config.worker.id = Some("stop-finish-worker".to_owned());
+    config.worker.heartbeat_interval_ms = 50;
+    let worker = stack.start_worker_with(config, RunOptions::default());
     let id = Uuid::new_v4();
     stack.publish(&slow_job(id)).await;
     wait_running(&stack, id).await;
+
+    // The heartbeat reports the worker alive, running this job on its CPU consumer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let live = loop {
+        let live = stack
+            .db
+            .db
+            .live_workers(Duration::from_secs(5))
+            .await
+            .unwrap();
+        let busy = live.iter().any(|w| {
+            w.worker_id == "stop-finish-worker"
+                && w.devices.iter().any(|d| d.current_job == Some(id))
+        });
+        if busy || std::time::Instant::now() > deadline {
+            break live;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let me = live
+        .iter()
+        .find(|w| w.worker_id == "stop-finish-worker")
+        .unwrap_or_else(|| panic!("no live worker row: {live:#?}"));
+    assert!(me.intake);
+    assert_eq!(me.pid, std::process::id());
+    assert_eq!(me.devices.len(), 1, "{me:#?}");
+    assert_eq!(me.devices[0].device, "cpu");
+    assert_eq!(me.devices[0].current_job, Some(id), "{me:#?}");
 
     worker.stop().await.unwrap();
     let row = stack.db.db.get(id).await.unwrap().unwrap();
     assert_eq!(row.state, JobState::Succeeded, "{row:#?}");
     assert_eq!(row.attempt, 1);
     assert_eq!(row.progress_step, row.progress_total);
+
+    // Stopped: no longer live, and its last report names the model it had loaded.
+    let live = stack
+        .db
+        .db
+        .live_workers(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        live.iter().all(|w| w.worker_id != "stop-finish-worker"),
+        "{live:#?}"
+    );
+    let all = stack.db.db.list_workers(10).await.unwrap();
+    let me = all
+        .iter()
+        .find(|w| w.worker_id == "stop-finish-worker")
+        .unwrap();
+    assert!(me.stopped_at.is_some());
+    assert_eq!(me.devices[0].current_job, None, "{me:#?}");
+    assert_eq!(
+        me.devices[0].models_loaded,
+        vec![stack.config.models.default.clone()],
+        "{me:#?}"
+    );
     stack.teardown().await;
 }
 

@@ -146,6 +146,11 @@ pub const KEYS: &[KeySpec] = &[
         "time running jobs get to finish on shutdown",
     ),
     key(
+        "worker.heartbeat_interval_ms",
+        "SDXL_WORKER_HEARTBEAT_INTERVAL_MS",
+        "time between heartbeats",
+    ),
+    key(
         "models.default",
         "SDXL_MODELS_DEFAULT",
         "model of jobs that name none",
@@ -286,6 +291,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,
         "worker.job_timeout_ms" => s.worker.job_timeout_ms = v.int()?,
         "worker.shutdown_grace_ms" => s.worker.shutdown_grace_ms = v.int()?,
+        "worker.heartbeat_interval_ms" => s.worker.heartbeat_interval_ms = v.int()?,
         "models.default" => s.models.default = v.text()?,
         "models.available" => s.models.models = v.models()?,
         "limits.min_side" => s.limits.min_side = v.int()?,

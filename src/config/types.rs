@@ -218,6 +218,8 @@ pub struct WorkerConfig {
     pub job_timeout_ms: u64,
     /// On shutdown, how long running jobs may take to finish before they are returned.
     pub shutdown_grace_ms: u64,
+    /// Time between two heartbeats (the worker's row in the `workers` table).
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -231,6 +233,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 200,
             job_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
+            heartbeat_interval_ms: 5_000,
         }
     }
 }

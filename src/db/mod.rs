@@ -1,5 +1,5 @@
-//! Postgres: one status row per job (`jobs`), its timings (`job_metrics`) and the migrations
-//! that create them.
+//! Postgres: one status row per job (`jobs`), its timings (`job_metrics`), one row per worker
+//! process refreshed by its heartbeat (`workers`), and the migrations that create them.
 //!
 //! All tables live in the configured schema ([`DatabaseConfig::schema`]), created if absent and
 //! set as `search_path` on every pooled connection, so several deployments (or tests) can share
@@ -12,6 +12,7 @@
 
 mod jobs;
 mod types;
+mod workers;
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::config::{redact_url, DatabaseConfig};
 pub use types::{
     CancelOutcome, ImageRecord, JobMetrics, JobRow, JobState, ProgressOutcome, StartOutcome,
 };
+pub use workers::{DeviceReport, Heartbeat, WorkerRow};
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: Migrator = sqlx::migrate!();

@@ -63,12 +63,16 @@ impl GpuConsumer {
             source,
         })?;
         let (abort, abort_rx) = watch::channel(false);
+        let gpu_memory = nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device));
+        shared
+            .status
+            .register(&device.to_string(), gpu_memory.clone());
         let context = ConsumerContext {
             shared,
             device: device.to_string(),
             engine,
             engine_slot: Semaphore::new(1),
-            gpu_memory: nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device)),
+            gpu_memory,
             abort: abort_rx,
         };
         Ok(GpuConsumer {

@@ -74,6 +74,17 @@ impl GpuMemoryProbe {
         }
     }
 
+    /// The GPU's name (e.g. "NVIDIA H200"), if NVML can tell.
+    pub fn name(&self) -> Option<String> {
+        self.nvml.device_by_index(self.index).ok()?.name().ok()
+    }
+
+    /// The device's total memory in bytes, if NVML can tell.
+    pub fn total_bytes(&self) -> Option<u64> {
+        let device = self.nvml.device_by_index(self.index).ok()?;
+        device.memory_info().ok().map(|info| info.total)
+    }
+
     /// Bytes in use on the device now (all processes), if NVML can tell.
     pub fn used_bytes(&self) -> Option<u64> {
         let device = self.nvml.device_by_index(self.index).ok()?;

@@ -14,6 +14,7 @@
 mod consumer;
 mod devices;
 mod engine_thread;
+mod heartbeat;
 mod intake;
 mod process;
 mod run;
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     pub storage: Storage,
     pub broker: Broker,
     pub worker_id: String,
+    /// What the consumers are doing, for the heartbeat.
+    pub status: Arc<heartbeat::StatusBoard>,
 }
 
 /// Runs a complete worker (intake and GPU consumers) until `shutdown` resolves.
@@ -155,6 +158,19 @@ pub async fn run_with(
     let topology = Topology::new(config.broker.prefix.clone(), config.broker.delivery_limit);
     let initial_delay = Duration::from_millis(config.broker.reconnect_delay_ms.max(1));
     let max_delay = Duration::from_millis(config.broker.reconnect_max_delay_ms).max(initial_delay);
+    let status = Arc::new(heartbeat::StatusBoard::default());
+    let (beat_stop, beat_stop_rx) = watch::channel(false);
+    let beats = tokio::spawn(heartbeat::run(
+        db.clone(),
+        heartbeat::Identity {
+            worker_id: worker_id.clone(),
+            intake: options.intake,
+            started_at: chrono::Utc::now(),
+        },
+        status.clone(),
+        Duration::from_millis(config.worker.heartbeat_interval_ms.max(1)),
+        beat_stop_rx,
+    ));
 
     tokio::pin!(shutdown);
     let mut delay = initial_delay;
@@ -167,6 +183,7 @@ pub async fn run_with(
                     storage: storage.clone(),
                     broker,
                     worker_id: worker_id.clone(),
+                    status: status.clone(),
                 });
                 let ended = run_connected(&shared, &options, shutdown.as_mut()).await;
                 shared.broker.close().await;
@@ -194,6 +211,10 @@ pub async fn run_with(
         }
         delay = (delay * 2).min(max_delay);
     };
+    let _ = beat_stop.send(true);
+    if beats.await.is_err() {
+        tracing::error!("the heartbeat task ended abnormally");
+    }
     db.close().await;
     tracing::info!("worker stopped");
     result
@@ -368,11 +389,15 @@ pub(crate) async fn signalled(flag: &mut watch::Receiver<bool>) {
 
 /// `{host}-{pid}`, the worker id when none is configured.
 fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+/// This machine's host name (`worker` when it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|| "worker".to_owned())
 }

@@ -123,6 +123,9 @@ pub(crate) async fn run_engine(
         peak: None,
     };
     tracker.sample_memory();
+    let status = &ctx.shared.status;
+    status.set_job(&ctx.device, Some(id));
+    let model_name = model.name.clone();
     let job = EngineJob {
         model,
         request,
@@ -155,6 +158,13 @@ pub(crate) async fn run_engine(
         tracker.flush().await;
     }
     tracker.sample_memory();
+    status.set_job(&ctx.device, None);
+    match &result {
+        Ok(_) => status.set_models(&ctx.device, vec![model_name]),
+        // The engine thread dropped its model before trying to load the new one.
+        Err(EngineFailure::Load { .. }) => status.set_models(&ctx.device, Vec::new()),
+        Err(_) => {}
+    }
     RunOutcome {
         result,
         stop: tracker.stop,
