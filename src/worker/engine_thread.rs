@@ -237,6 +237,7 @@ mod tests {
             crops_coords_top_left: (0, 0),
             target_size: None,
             initial_latents: None,
+            controls: Default::default(),
         }
     }
 
