@@ -116,6 +116,11 @@ pub const KEYS: &[KeySpec] = &[
         "\"auto\" or a list of \"cpu\" / \"cuda:N\"",
     ),
     key(
+        "worker.model_cache_mb",
+        "SDXL_WORKER_MODEL_CACHE_MB",
+        "MiB of models a consumer keeps loaded (0: one model)",
+    ),
+    key(
         "worker.prefetch",
         "SDXL_WORKER_PREFETCH",
         "jobs a GPU consumer holds at once",
@@ -281,6 +286,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.id" => s.worker.id = v.optional_text()?,
         "worker.devices" => s.worker.devices = devices(v)?,
         "worker.prefetch" => s.worker.prefetch = v.int()?,
+        "worker.model_cache_mb" => s.worker.model_cache_mb = v.int()?,
         "worker.max_attempts" => s.worker.max_attempts = v.int()?,
         "worker.progress_interval_ms" => s.worker.progress_interval_ms = v.int()?,
         "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,

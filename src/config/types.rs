@@ -218,6 +218,10 @@ pub struct WorkerConfig {
     pub job_timeout_ms: u64,
     /// On shutdown, how long running jobs may take to finish before they are returned.
     pub shutdown_grace_ms: u64,
+    /// Memory each consumer may fill with loaded models, in MiB (estimated from the models'
+    /// graph and weight files); least recently used models are evicted beyond it. 0 keeps one
+    /// model at a time.
+    pub model_cache_mb: u64,
 }
 
 impl Default for WorkerConfig {
@@ -231,6 +235,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 200,
             job_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
+            model_cache_mb: 0,
         }
     }
 }

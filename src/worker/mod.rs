@@ -15,6 +15,7 @@ mod consumer;
 mod devices;
 mod engine_thread;
 mod intake;
+pub mod model_cache;
 mod process;
 mod run;
 mod settle;
