@@ -623,6 +623,7 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "metadata": { "nested": { "deep": [1, 2, 3] } } }),
         json!({ "style": "watercolor" }),
         json!({ "prompt_weighting": false }),
+        json!({ "cache": true }),
     ];
     let invalid = [
         json!({ "version": 2 }),
@@ -651,6 +652,7 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "style": "cubism" }),
         json!({ "style": 3 }),
         json!({ "prompt_weighting": "yes" }),
+        json!({ "cache": 1 }),
         json!({ "id": "7d4448409dc011d1b2455ffdce74fad2" }),
     ];
     corpus.extend(valid.into_iter().map(|p| (with(p), true)));

@@ -222,6 +222,9 @@ pub struct WorkerConfig {
     /// graph and weight files); least recently used models are evicted beyond it. 0 keeps one
     /// model at a time.
     pub model_cache_mb: u64,
+    /// Serve identical requests from the stored images of an earlier job unless the job says
+    /// `"cache": false`.
+    pub result_cache: bool,
 }
 
 impl Default for WorkerConfig {
@@ -236,6 +239,7 @@ impl Default for WorkerConfig {
             job_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
             model_cache_mb: 0,
+            result_cache: false,
         }
     }
 }

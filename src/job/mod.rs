@@ -56,7 +56,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 23] = [
+pub const FIELDS: [&str; 24] = [
     "version",
     "id",
     "model",
@@ -79,6 +79,7 @@ pub const FIELDS: [&str; 23] = [
     "crops_coords_top_left",
     "target_size",
     "priority",
+    "cache",
     "metadata",
 ];
 
@@ -189,6 +190,9 @@ pub struct JobMessage {
     pub target_size: Option<[u32; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// Reuse the images of an identical earlier request (`None`: the deployment's setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }

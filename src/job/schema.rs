@@ -133,6 +133,10 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
             "crops_coords_top_left": pair_field(0, "[top, left] micro-conditioning; absent means [0, 0]."),
             "target_size": pair_field(1, "[height, width] micro-conditioning; absent means [height, width]."),
             "priority": int_field(0, u32::from(MAX_PRIORITY), u32::from(DEFAULT_PRIORITY), "0 (lowest) to 9; 5 and above take the high-priority queue."),
+            "cache": {
+                "type": ["boolean", "null"],
+                "description": "Reuse the stored images of an earlier identical request (same model files, every parameter and the seed) instead of running again; absent means the deployment's worker.result_cache setting."
+            },
             "metadata": {
                 "type": ["object", "null"],
                 "description": format!(
@@ -221,6 +225,7 @@ pub fn examples() -> Vec<Value> {
             "crops_coords_top_left": [0, 0],
             "target_size": [1216, 832],
             "priority": 7,
+            "cache": true,
             "metadata": { "customer": "acme", "tags": ["space", "portrait"] }
         }),
         json!({

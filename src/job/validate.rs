@@ -328,6 +328,7 @@ impl<'a> Checker<'a> {
         let crops = self.pair("crops_coords_top_left", 0, "[top, left]");
         let target_size = self.pair("target_size", 1, "[height, width]");
         let priority = self.integer("priority", 0, super::MAX_PRIORITY.into());
+        let cache = self.boolean("cache");
         let metadata = self.metadata(limits);
 
         let model_entry = model.as_deref().and_then(|m| models.get(m));
@@ -387,6 +388,7 @@ impl<'a> Checker<'a> {
             crops_coords_top_left: crops,
             target_size,
             priority: Some(priority),
+            cache,
             metadata,
         };
         Some(ValidJob {

@@ -17,6 +17,7 @@ mod engine_thread;
 mod intake;
 pub mod model_cache;
 mod process;
+pub mod result_cache;
 mod run;
 mod settle;
 

@@ -49,6 +49,26 @@ impl Fingerprint {
         Self { files }
     }
 
+    /// A stable 64-bit digest (FNV-1a) of the fingerprint, for cache keys.
+    pub fn digest(&self) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (path, (len, modified)) in &self.files {
+            feed(path.to_string_lossy().as_bytes());
+            feed(&len.to_le_bytes());
+            let nanos = modified
+                .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            feed(&nanos.to_le_bytes());
+        }
+        hash
+    }
+
     /// Estimated device memory: the bytes of graphs and weights.
     pub fn weight_bytes(&self) -> u64 {
         self.files
