@@ -60,6 +60,7 @@ fn main() {
         crops_coords_top_left: (0, 0),
         target_size: None,
         initial_latents: None,
+        controls: Default::default(),
     };
     let go = || -> StageTimings {
         engine

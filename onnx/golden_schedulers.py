@@ -2,9 +2,13 @@
 
 Writes tests/fixtures/golden/schedulers/{timesteps,trajectories}.json:
 
-* timesteps.json: for each case (scheduler kind, configuration changes, step count) the
-  timesteps and sigmas diffusers lays out after `set_timesteps(steps)`, and `init_noise_sigma`;
-  or the exception diffusers raises.
+* timesteps.json + timesteps.f32: for each case (scheduler kind, configuration changes, step
+  count) the timesteps and sigmas diffusers lays out after `set_timesteps(steps)`, and
+  `init_noise_sigma`; or the exception diffusers raises. Stored compactly: `timesteps.f32` holds
+  every distinct list of values once, as little-endian float32; `timesteps.json` is the index.
+  Its `arrays` lists each stored list as `[first value, count]`, and `groups` the cases sharing
+  a kind and configuration changes (`kind`, `overrides`, `config`), each case as
+  `[steps, timesteps array, sigmas array, init_noise_sigma]` or `[steps, error text]`.
 * trajectories.json: the final latents of a whole denoising loop driven by a toy deterministic
   model, `0.8 * tanh(0.5 * scaled_input) + 0.05 * cos(t / 100)` in float32. The initial latents
   and any noise a stochastic scheduler draws come from the project's seeded generator
@@ -222,17 +226,44 @@ def trajectory_cases(base):
     return runs
 
 
+def compact_timesteps(cases):
+    """The index and the float32 values of the compact timesteps golden (see the top)."""
+    values, arrays, ids, groups, by_key = [], [], {}, [], {}
+
+    def array_id(items):
+        key = tuple(items)
+        if key not in ids:
+            ids[key] = len(arrays)
+            arrays.append([len(values), len(items)])
+            values.extend(items)
+        return ids[key]
+
+    for case in cases:
+        key = json.dumps([case["kind"], case["overrides"], case["config"]], sort_keys=True)
+        if key not in by_key:
+            by_key[key] = {"kind": case["kind"], "overrides": case["overrides"], "config": case["config"], "cases": []}
+            groups.append(by_key[key])
+        if "error" in case:
+            row = [case["steps"], case["error"]]
+        else:
+            row = [case["steps"], array_id(case["timesteps"]), array_id(case["sigmas"]), case["init_noise_sigma"]]
+        by_key[key]["cases"].append(row)
+    return {"values": "timesteps.f32", "arrays": arrays, "groups": groups}, values
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     base = base_config()
     meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "base_config": base}
-    timesteps = dict(meta, cases=timestep_cases(base))
+    index, values = compact_timesteps(timestep_cases(base))
     with open(os.path.join(OUT, "timesteps.json"), "w") as f:
-        json.dump(timesteps, f, separators=(",", ":"), allow_nan=False)
+        json.dump(dict(meta, **index), f, separators=(",", ":"), allow_nan=False)
+    with open(os.path.join(OUT, "timesteps.f32"), "wb") as f:
+        f.write(np.asarray(values, dtype="<f4").tobytes())
     trajectories = dict(meta, seeds=[11, 12], shape=[2, 4, 8, 8], runs=trajectory_cases(base))
     with open(os.path.join(OUT, "trajectories.json"), "w") as f:
         json.dump(trajectories, f, separators=(",", ":"), allow_nan=False)
-    for name in ["timesteps.json", "trajectories.json"]:
+    for name in ["timesteps.json", "timesteps.f32", "trajectories.json"]:
         print(name, os.path.getsize(os.path.join(OUT, name)), "bytes")
 
 

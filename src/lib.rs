@@ -8,6 +8,7 @@
 //! - [`db`]: Postgres status and metrics rows, migrations.
 //! - [`broker`]: RabbitMQ topology, publishing with confirms, consuming.
 //! - [`storage`]: object storage for images (S3-compatible or a local directory).
+//! - [`styles`]: named style presets (prompt templates with negative prompts).
 //! - [`worker`]: the glue that turns a claimed message into rows and images.
 //! - [`cli`]: the command line.
 
@@ -18,4 +19,5 @@ pub mod db;
 pub mod engine;
 pub mod job;
 pub mod storage;
+pub mod styles;
 pub mod worker;

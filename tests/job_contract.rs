@@ -90,6 +90,8 @@ fn a_minimal_message_gets_every_default() {
     assert_eq!(m.guidance_rescale, Some(0.0));
     assert_eq!(m.scheduler.as_deref(), Some("euler"));
     assert_eq!(m.model.as_deref(), Some("tiny-sdxl"));
+    assert_eq!(m.prompt_weighting, Some(true));
+    assert!(job.generate_request().controls.prompt_weighting);
     assert!(!job.is_high_priority());
 
     // The normalized message validates to the same job: retries reuse the seed.
@@ -166,6 +168,53 @@ fn a_full_message_maps_to_the_engine_request() {
         (None, (0, 0), None)
     );
     assert_eq!(plain.negative_prompt, None);
+}
+
+#[test]
+fn a_style_wraps_the_prompts_and_unknown_styles_are_rejected() {
+    let job = check(&with(json!({
+        "style": "Line Art",
+        "negative_prompt": "blurry",
+        "prompt_2": "second"
+    })))
+    .unwrap();
+    // The normalized message keeps the preset's own name and the job's own texts.
+    assert_eq!(job.message.style.as_deref(), Some("line_art"));
+    assert_eq!(job.message.prompt, "a cat wearing a hat");
+    let style = sdxl_worker::styles::StyleCatalog::builtin()
+        .get("line_art")
+        .unwrap();
+    let r = job.generate_request();
+    assert_eq!(
+        r.prompt,
+        style.prompt.replace("{prompt}", "a cat wearing a hat")
+    );
+    assert!(r
+        .prompt
+        .starts_with("line art drawing of a cat wearing a hat,"));
+    assert_eq!(r.prompt_2, Some(style.prompt.replace("{prompt}", "second")));
+    assert_eq!(
+        r.negative_prompt,
+        Some(format!("{}, blurry", style.negative_prompt))
+    );
+    assert_eq!(r.negative_prompt_2, None);
+    // Validating the normalized message again gives the same job.
+    let again = validate_message(&job.message, &Limits::default(), &ModelsConfig::default());
+    assert_eq!(again.unwrap().generate_request(), r);
+
+    assert_eq!(
+        codes(&with(json!({ "style": "cubism" }))),
+        pair("style", "unknown_style")
+    );
+    let Err(JobRejection::Invalid { errors, .. }) = check(&with(json!({ "style": "cubism" })))
+    else {
+        panic!("unknown style accepted")
+    };
+    assert!(
+        errors[0].message.contains("photographic"),
+        "{}",
+        errors[0].message
+    );
 }
 
 #[test]
@@ -572,6 +621,9 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "negative_prompt": null, "original_size": [1, 16384] }),
         json!({ "scheduler_options": { "steps_offset": 999, "use_karras_sigmas": false } }),
         json!({ "metadata": { "nested": { "deep": [1, 2, 3] } } }),
+        json!({ "style": "watercolor" }),
+        json!({ "prompt_weighting": false }),
+        json!({ "cache": true }),
     ];
     let invalid = [
         json!({ "version": 2 }),
@@ -597,6 +649,10 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "priority": 10 }),
         json!({ "metadata": [] }),
         json!({ "unknown": true }),
+        json!({ "style": "cubism" }),
+        json!({ "style": 3 }),
+        json!({ "prompt_weighting": "yes" }),
+        json!({ "cache": 1 }),
         json!({ "id": "7d4448409dc011d1b2455ffdce74fad2" }),
     ];
     corpus.extend(valid.into_iter().map(|p| (with(p), true)));

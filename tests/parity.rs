@@ -73,6 +73,7 @@ fn request_of(case: &Case, dir: &Path) -> GenerateRequest {
         crops_coords_top_left: r.crops_coords_top_left.unwrap_or((0, 0)),
         target_size: r.target_size,
         initial_latents: Some(common::read_f32(&dir.join(&case.init_latents))),
+        controls: Default::default(),
     }
 }
 

@@ -69,17 +69,63 @@ fn compare_list(what: &str, got: &[f64], want: &[f64]) -> Option<String> {
     ))
 }
 
+/// The cases of the compact timesteps golden (`timesteps.json` indexes the float32 lists in
+/// `timesteps.f32`; see `onnx/golden_schedulers.py`), each as one JSON object with `kind`,
+/// `overrides`, `config`, `steps` and `timesteps`, `sigmas`, `init_noise_sigma` or `error`.
+fn timestep_cases(g: &Value) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden/schedulers")
+        .join(g["values"].as_str().expect("values file"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let arrays = g["arrays"].as_array().unwrap();
+    let list = |id: &Value| -> Value {
+        let entry = &arrays[id.as_u64().unwrap() as usize];
+        let start = entry[0].as_u64().unwrap() as usize;
+        let len = entry[1].as_u64().unwrap() as usize;
+        json!(values[start..start + len]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect::<Vec<f64>>())
+    };
+    let mut cases = Vec::new();
+    for group in g["groups"].as_array().unwrap() {
+        for row in group["cases"].as_array().unwrap() {
+            let mut case = json!({
+                "kind": group["kind"],
+                "overrides": group["overrides"],
+                "config": group["config"],
+                "steps": row[0],
+            });
+            match row.as_array().unwrap().as_slice() {
+                [_, error] => case["error"] = error.clone(),
+                [_, timesteps, sigmas, init] => {
+                    case["timesteps"] = list(timesteps);
+                    case["sigmas"] = list(sigmas);
+                    case["init_noise_sigma"] = init.clone();
+                }
+                other => panic!("malformed golden case {other:?}"),
+            }
+            cases.push(case);
+        }
+    }
+    cases
+}
+
 #[test]
 fn timesteps_and_sigmas_match_diffusers() {
     let g = golden("timesteps.json");
     let base = &g["base_config"];
-    let cases = g["cases"].as_array().unwrap();
+    let cases = timestep_cases(&g);
     assert!(
         cases.len() > 1800,
         "golden has every kind x spacing x 1..=60"
     );
     let mut failures = Vec::new();
-    for case in cases {
+    for case in &cases {
         let (kind, config, steps) = case_setup(base, case);
         let built = scheduler::build(kind, &config, steps);
         if let Some(err) = case.get("error") {

@@ -131,6 +131,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         crops_coords_top_left: (0, 0),
         target_size: None,
         initial_latents: None,
+        controls: Default::default(),
     };
     let started = Instant::now();
     let output = engine

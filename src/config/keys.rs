@@ -116,6 +116,16 @@ pub const KEYS: &[KeySpec] = &[
         "\"auto\" or a list of \"cpu\" / \"cuda:N\"",
     ),
     key(
+        "worker.model_cache_mb",
+        "SDXL_WORKER_MODEL_CACHE_MB",
+        "MiB of models a consumer keeps loaded (0: one model)",
+    ),
+    key(
+        "worker.result_cache",
+        "SDXL_WORKER_RESULT_CACHE",
+        "reuse the images of identical earlier requests",
+    ),
+    key(
         "worker.prefetch",
         "SDXL_WORKER_PREFETCH",
         "jobs a GPU consumer holds at once",
@@ -286,6 +296,8 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.id" => s.worker.id = v.optional_text()?,
         "worker.devices" => s.worker.devices = devices(v)?,
         "worker.prefetch" => s.worker.prefetch = v.int()?,
+        "worker.model_cache_mb" => s.worker.model_cache_mb = v.int()?,
+        "worker.result_cache" => s.worker.result_cache = v.flag()?,
         "worker.max_attempts" => s.worker.max_attempts = v.int()?,
         "worker.progress_interval_ms" => s.worker.progress_interval_ms = v.int()?,
         "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,

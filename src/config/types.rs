@@ -220,6 +220,13 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
     /// Time between two heartbeats (the worker's row in the `workers` table).
     pub heartbeat_interval_ms: u64,
+    /// Memory each consumer may fill with loaded models, in MiB (estimated from the models'
+    /// graph and weight files); least recently used models are evicted beyond it. 0 keeps one
+    /// model at a time.
+    pub model_cache_mb: u64,
+    /// Serve identical requests from the stored images of an earlier job unless the job says
+    /// `"cache": false`.
+    pub result_cache: bool,
 }
 
 impl Default for WorkerConfig {
@@ -234,6 +241,8 @@ impl Default for WorkerConfig {
             job_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 5_000,
+            model_cache_mb: 0,
+            result_cache: false,
         }
     }
 }

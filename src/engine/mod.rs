@@ -6,10 +6,12 @@
 
 mod error;
 pub mod guidance;
+pub mod img2img;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
 pub mod png;
+pub mod prompt_weighting;
 pub mod runtime;
 pub mod scheduler;
 pub mod session;
@@ -55,6 +57,8 @@ impl Default for EngineOptions {
 pub struct Engine {
     model: SdxlModel,
     options: EngineOptions,
+    /// `vae_encoder/`, loaded by the first image-to-image request.
+    vae_encoder: img2img::LazyVaeEncoder,
 }
 
 /// Where an engine runs its ONNX Runtime sessions.
@@ -131,6 +135,18 @@ pub struct GenerateRequest {
     /// scheduler's `init_noise_sigma` is applied (as diffusers' `latents=` argument). `None`
     /// draws them from each image's seeded stream.
     pub initial_latents: Option<Vec<f32>>,
+    /// Controls beyond plain text-to-image (all off by default).
+    pub controls: GenerationControls,
+}
+
+/// Optional generation controls; the default is diffusers' plain text-to-image.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationControls {
+    /// Read the prompts with A1111's weighting syntax and encode prompts longer than 75 tokens
+    /// in chunks ([`prompt_weighting`]); off: diffusers' encoding, truncated to 77 tokens.
+    pub prompt_weighting: bool,
+    /// Image-to-image: start from this image ([`img2img`]).
+    pub img2img: Option<img2img::Img2Img>,
 }
 
 /// Progress reported after every model evaluation of the denoising loop.

@@ -54,11 +54,7 @@ impl RunShape {
 impl Engine {
     /// Load the SDXL pipeline under `model_dir` with sessions on `options.device`.
     pub fn load(model_dir: impl AsRef<Path>, options: &EngineOptions) -> Result<Self, EngineError> {
-        let session_options = SessionOptions {
-            device: options.device,
-            intra_threads: options.intra_threads,
-            tf32: options.tf32,
-        };
+        let session_options = session_options(options);
         let model = SdxlModel::load(model_dir.as_ref(), &session_options)?;
         // Fail at load, not at the first request, if the scheduler configuration is unusable.
         SchedulerConfig::from_json(&model.scheduler_config).map_err(|source| {
@@ -70,7 +66,13 @@ impl Engine {
         Ok(Self {
             model,
             options: options.clone(),
+            vae_encoder: Default::default(),
         })
+    }
+
+    /// The ONNX Runtime settings of this engine's sessions.
+    pub(super) fn session_options(&self) -> SessionOptions {
+        session_options(&self.options)
     }
 
     /// The loaded model.
@@ -195,18 +197,15 @@ impl Engine {
         request: &GenerateRequest,
         progress: &mut ProgressFn<'_>,
     ) -> Result<GenerateOutput, EngineError> {
+        if let Some(init) = &request.controls.img2img {
+            return self.generate_img2img(request, init, progress);
+        }
         let shape = self.validate(request)?;
         let mut scheduler = self.scheduler_for(request)?;
         let mut timings = StageTimings::default();
 
         let started = Instant::now();
-        let texts = PromptTexts {
-            prompt: &request.prompt,
-            prompt_2: request.prompt_2.as_deref(),
-            negative_prompt: request.negative_prompt.as_deref(),
-            negative_prompt_2: request.negative_prompt_2.as_deref(),
-        };
-        let conditioning = text::encode_prompts(&self.model, &texts, shape.guidance)?;
+        let conditioning = self.encode_request_prompts(request, shape.guidance)?;
         timings.text_encoding = started.elapsed();
         timings.text_encoding_session_run = conditioning.session_time;
 
@@ -227,6 +226,7 @@ impl Engine {
             request,
             noise: &mut noise,
             timings: &mut timings,
+            start: 0,
         };
         self.denoise(
             &mut loop_state,
@@ -247,7 +247,27 @@ impl Engine {
         })
     }
 
-    fn denoise(
+    /// Encode the request's prompts (weighted and chunked when the request asks for it).
+    pub(super) fn encode_request_prompts(
+        &self,
+        request: &GenerateRequest,
+        guidance: bool,
+    ) -> Result<Conditioning, EngineError> {
+        let texts = PromptTexts {
+            prompt: &request.prompt,
+            prompt_2: request.prompt_2.as_deref(),
+            negative_prompt: request.negative_prompt.as_deref(),
+            negative_prompt_2: request.negative_prompt_2.as_deref(),
+        };
+        if request.controls.prompt_weighting {
+            super::prompt_weighting::encode_prompts(&self.model, &texts, guidance)
+        } else {
+            text::encode_prompts(&self.model, &texts, guidance)
+        }
+    }
+
+    /// The denoising loop, from evaluation `state.start` to the end.
+    pub(super) fn denoise(
         &self,
         state: &mut DenoiseState<'_>,
         scheduler: &mut dyn Scheduler,
@@ -260,7 +280,8 @@ impl Engine {
         let rows = shape.unet_rows();
         let constants = UnetConstants::new(&self.model, conditioning, state.request, &shape)?;
         let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len() as u32;
+        let start = state.start;
+        let total = (timesteps.len() - start.min(timesteps.len())) as u32;
         let per_batch = shape.images * shape.per_image();
         let sample_shape = [
             rows as i64,
@@ -270,7 +291,7 @@ impl Engine {
         ];
         let mut model_input = vec![0.0f32; rows * shape.per_image()];
         let mut guided = vec![0.0f32; per_batch];
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let step_started = Instant::now();
             model_input[..per_batch].copy_from_slice(latents);
             scheduler.scale_model_input(&mut model_input[..per_batch], i);
@@ -333,7 +354,7 @@ impl Engine {
             state.timings.per_step_session_run.push(result.session_time);
             state.timings.denoising_session_run += result.session_time;
             if progress(Progress {
-                step: i as u32 + 1,
+                step: (i - start) as u32 + 1,
                 total,
             })
             .is_break()
@@ -344,7 +365,7 @@ impl Engine {
         Ok(())
     }
 
-    fn decode_all(
+    pub(super) fn decode_all(
         &self,
         request: &GenerateRequest,
         shape: &RunShape,
@@ -385,11 +406,22 @@ impl Engine {
     }
 }
 
-struct DenoiseState<'a> {
-    shape: RunShape,
-    request: &'a GenerateRequest,
-    noise: &'a mut BatchNoise,
-    timings: &'a mut StageTimings,
+/// What the denoising loop reads and updates besides the latents.
+pub(super) struct DenoiseState<'a> {
+    pub shape: RunShape,
+    pub request: &'a GenerateRequest,
+    pub noise: &'a mut BatchNoise,
+    pub timings: &'a mut StageTimings,
+    /// The first evaluation to run (image-to-image skips the start of the schedule).
+    pub start: usize,
+}
+
+fn session_options(options: &EngineOptions) -> SessionOptions {
+    SessionOptions {
+        device: options.device,
+        intra_threads: options.intra_threads,
+        tf32: options.tf32,
+    }
 }
 
 fn unet_err(source: ort::Error) -> EngineError {

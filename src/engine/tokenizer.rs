@@ -232,6 +232,15 @@ impl ClipTokenizer {
         Ok((ids, all.len() - body.len()))
     }
 
+    /// The text's token ids, without BOS, EOS or padding and without truncation.
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|source| EngineError::Tokenize { source })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// The fixed output length (77 for CLIP).
     pub fn max_length(&self) -> usize {
         self.max_length

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::{Limits, ModelsConfig};
-use crate::engine::{GenerateRequest, SchedulerKind, SchedulerOverrides};
+use crate::engine::{GenerateRequest, GenerationControls, SchedulerKind, SchedulerOverrides};
+use crate::styles::{StyleCatalog, StyledPrompts};
 
 pub use validate::parse_and_validate;
 
@@ -34,6 +35,8 @@ pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
 pub const DEFAULT_GUIDANCE_RESCALE: f64 = 0.0;
 /// Default scheduler.
 pub const DEFAULT_SCHEDULER: SchedulerKind = SchedulerKind::Euler;
+/// Prompt weighting (A1111 syntax, long prompts in chunks) is on unless a job turns it off.
+pub const DEFAULT_PROMPT_WEIGHTING: bool = true;
 /// Default number of images.
 pub const DEFAULT_NUM_IMAGES: u32 = 1;
 /// Default priority (0 lowest, 9 highest).
@@ -53,7 +56,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 21] = [
+pub const FIELDS: [&str; 24] = [
     "version",
     "id",
     "model",
@@ -61,6 +64,8 @@ pub const FIELDS: [&str; 21] = [
     "prompt_2",
     "negative_prompt",
     "negative_prompt_2",
+    "style",
+    "prompt_weighting",
     "width",
     "height",
     "steps",
@@ -74,6 +79,7 @@ pub const FIELDS: [&str; 21] = [
     "crops_coords_top_left",
     "target_size",
     "priority",
+    "cache",
     "metadata",
 ];
 
@@ -109,6 +115,8 @@ pub mod codes {
     pub const EMPTY: &str = "empty";
     /// An array has the wrong number of items.
     pub const WRONG_LENGTH: &str = "wrong_length";
+    /// The style preset is not one this deployment has.
+    pub const UNKNOWN_STYLE: &str = "unknown_style";
     /// The field is not part of the contract.
     pub const UNKNOWN_FIELD: &str = "unknown_field";
     /// `version` is not 1.
@@ -142,6 +150,12 @@ pub struct JobMessage {
     pub negative_prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt_2: Option<String>,
+    /// A style preset of [`crate::styles`], by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<String>,
+    /// A1111 prompt weighting and chunked long prompts; absent means on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_weighting: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +190,9 @@ pub struct JobMessage {
     pub target_size: Option<[u32; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<u8>,
+    /// Reuse the images of an identical earlier request (`None`: the deployment's setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -283,15 +300,39 @@ impl ValidJob {
         serde_json::to_vec(&self.message).unwrap_or_default()
     }
 
-    /// The engine request for this job.
+    /// The job's prompts with its style preset applied (unchanged without one).
+    pub fn styled_prompts(&self) -> StyledPrompts {
+        let m = &self.message;
+        let style = m
+            .style
+            .as_deref()
+            .and_then(|s| StyleCatalog::builtin().get(s));
+        match style {
+            Some(style) => style.apply(
+                &m.prompt,
+                m.prompt_2.as_deref(),
+                m.negative_prompt.as_deref(),
+                m.negative_prompt_2.as_deref(),
+            ),
+            None => StyledPrompts {
+                prompt: m.prompt.clone(),
+                prompt_2: m.prompt_2.clone(),
+                negative_prompt: m.negative_prompt.clone(),
+                negative_prompt_2: m.negative_prompt_2.clone(),
+            },
+        }
+    }
+
+    /// The engine request for this job (its style, if any, applied to the prompts).
     pub fn generate_request(&self) -> GenerateRequest {
         let m = &self.message;
         let pair = |p: Option<[u32; 2]>| p.map(|[a, b]| (a, b));
+        let texts = self.styled_prompts();
         GenerateRequest {
-            prompt: m.prompt.clone(),
-            prompt_2: m.prompt_2.clone(),
-            negative_prompt: m.negative_prompt.clone(),
-            negative_prompt_2: m.negative_prompt_2.clone(),
+            prompt: texts.prompt,
+            prompt_2: texts.prompt_2,
+            negative_prompt: texts.negative_prompt,
+            negative_prompt_2: texts.negative_prompt_2,
             width: self.width,
             height: self.height,
             steps: self.steps,
@@ -305,6 +346,10 @@ impl ValidJob {
             crops_coords_top_left: pair(m.crops_coords_top_left).unwrap_or((0, 0)),
             target_size: pair(m.target_size),
             initial_latents: None,
+            controls: GenerationControls {
+                prompt_weighting: m.prompt_weighting.unwrap_or(DEFAULT_PROMPT_WEIGHTING),
+                ..GenerationControls::default()
+            },
         }
     }
 }

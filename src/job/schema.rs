@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use super::{
     DEFAULT_GUIDANCE_RESCALE, DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_IMAGES, DEFAULT_PRIORITY,
-    DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CONDITIONING_SIDE, MAX_PRIORITY, MAX_STEPS_OFFSET,
+    DEFAULT_PROMPT_WEIGHTING, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CONDITIONING_SIDE,
+    MAX_PRIORITY, MAX_STEPS_OFFSET,
 };
 use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
 
@@ -87,6 +88,16 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
             "prompt_2": text_field(prompt_max, "Prompt of the second text encoder; absent uses prompt."),
             "negative_prompt": text_field(prompt_max, "Negative prompt; absent means none (zero embeddings)."),
             "negative_prompt_2": text_field(prompt_max, "Negative prompt of the second text encoder; absent uses negative_prompt."),
+            "style": {
+                "type": ["string", "null"],
+                "enum": crate::styles::StyleCatalog::builtin().names().into_iter().map(|s| json!(s)).chain([Value::Null]).collect::<Vec<_>>(),
+                "description": "Style preset (config/styles.toml): its template wraps the prompt and its negative prompt comes before the job's. Letter case, spaces and hyphens are ignored."
+            },
+            "prompt_weighting": {
+                "type": ["boolean", "null"],
+                "default": DEFAULT_PROMPT_WEIGHTING,
+                "description": "Read prompts with A1111's weighting syntax ((word), [word], (word:1.3), BREAK) and encode prompts longer than 75 tokens in 75-token chunks; false: plain diffusers encoding, truncated to 77 tokens."
+            },
             "width": side.clone(),
             "height": side,
             "steps": int_field(limits.min_steps, limits.max_steps, DEFAULT_STEPS, "Denoising steps."),
@@ -122,6 +133,10 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
             "crops_coords_top_left": pair_field(0, "[top, left] micro-conditioning; absent means [0, 0]."),
             "target_size": pair_field(1, "[height, width] micro-conditioning; absent means [height, width]."),
             "priority": int_field(0, u32::from(MAX_PRIORITY), u32::from(DEFAULT_PRIORITY), "0 (lowest) to 9; 5 and above take the high-priority queue."),
+            "cache": {
+                "type": ["boolean", "null"],
+                "description": "Reuse the stored images of an earlier identical request (same model files, every parameter and the seed) instead of running again; absent means the deployment's worker.result_cache setting."
+            },
             "metadata": {
                 "type": ["object", "null"],
                 "description": format!(
@@ -195,6 +210,8 @@ pub fn examples() -> Vec<Value> {
             "prompt_2": "highly detailed, 85mm",
             "negative_prompt": "blurry, low quality",
             "negative_prompt_2": "text, watermark",
+            "style": "cinematic",
+            "prompt_weighting": true,
             "width": 832,
             "height": 1216,
             "steps": 25,
@@ -208,6 +225,7 @@ pub fn examples() -> Vec<Value> {
             "crops_coords_top_left": [0, 0],
             "target_size": [1216, 832],
             "priority": 7,
+            "cache": true,
             "metadata": { "customer": "acme", "tags": ["space", "portrait"] }
         }),
         json!({

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{codes, FieldError, JobMessage, JobRejection, ValidJob};
 use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
 use crate::engine::{PredictionType, SchedulerKind, SchedulerOverrides, TimestepSpacing};
+use crate::styles::StyleCatalog;
 
 /// An oversized body is still scanned for its id (to record a `failed` row) up to this many
 /// times `limits.max_message_bytes`; beyond that it is unreadable.
@@ -212,6 +213,17 @@ impl<'a> Checker<'a> {
         Some(text.clone())
     }
 
+    fn boolean(&mut self, field: &str) -> Option<bool> {
+        let value = self.get(field)?;
+        match value {
+            Value::Bool(b) => Some(*b),
+            other => {
+                self.wrong_type(field, "true or false", other);
+                None
+            }
+        }
+    }
+
     fn integer(&mut self, field: &str, min: u64, max: u64) -> Option<u64> {
         let value = self.get(field)?;
         let Some(n) = as_integer(value) else {
@@ -297,6 +309,8 @@ impl<'a> Checker<'a> {
         let prompt_2 = self.string("prompt_2", limits.max_prompt_chars);
         let negative_prompt = self.string("negative_prompt", limits.max_prompt_chars);
         let negative_prompt_2 = self.string("negative_prompt_2", limits.max_prompt_chars);
+        let style = self.style();
+        let prompt_weighting = self.boolean("prompt_weighting");
         let width = self.side("width", limits);
         let height = self.side("height", limits);
         let steps = self.integer("steps", limits.min_steps.into(), limits.max_steps.into());
@@ -314,6 +328,7 @@ impl<'a> Checker<'a> {
         let crops = self.pair("crops_coords_top_left", 0, "[top, left]");
         let target_size = self.pair("target_size", 1, "[height, width]");
         let priority = self.integer("priority", 0, super::MAX_PRIORITY.into());
+        let cache = self.boolean("cache");
         let metadata = self.metadata(limits);
 
         let model_entry = model.as_deref().and_then(|m| models.get(m));
@@ -358,6 +373,8 @@ impl<'a> Checker<'a> {
             prompt_2,
             negative_prompt,
             negative_prompt_2,
+            style,
+            prompt_weighting: Some(prompt_weighting.unwrap_or(super::DEFAULT_PROMPT_WEIGHTING)),
             width: Some(w),
             height: Some(h),
             steps: Some(steps),
@@ -371,6 +388,7 @@ impl<'a> Checker<'a> {
             crops_coords_top_left: crops,
             target_size,
             priority: Some(priority),
+            cache,
             metadata,
         };
         Some(ValidJob {
@@ -414,6 +432,23 @@ impl<'a> Checker<'a> {
             return None;
         }
         Some(text)
+    }
+
+    /// A style preset name, normalized to the preset's own name.
+    fn style(&mut self) -> Option<String> {
+        let name = self.string("style", usize::MAX)?;
+        let catalog = StyleCatalog::builtin();
+        match catalog.get(&name) {
+            Some(style) => Some(style.name.clone()),
+            None => {
+                let message = format!(
+                    "unknown style {name:?}; this deployment has: {}",
+                    catalog.names().join(", ")
+                );
+                self.push("style", codes::UNKNOWN_STYLE, message);
+                None
+            }
+        }
     }
 
     fn scheduler(&mut self, limits: &Limits) -> Option<SchedulerKind> {

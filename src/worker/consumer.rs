@@ -58,9 +58,12 @@ impl GpuConsumer {
             },
             ..EngineOptions::default()
         };
-        let engine = EngineThread::spawn(options).map_err(|source| WorkerError::EngineThread {
-            device: device.to_string(),
-            source,
+        let cache_budget = shared.config.worker.model_cache_mb.saturating_mul(1 << 20);
+        let engine = EngineThread::spawn(options, cache_budget).map_err(|source| {
+            WorkerError::EngineThread {
+                device: device.to_string(),
+                source,
+            }
         })?;
         let (abort, abort_rx) = watch::channel(false);
         let gpu_memory = nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device));

@@ -2,9 +2,11 @@
 //!
 //! The async side sends [`EngineJob`]s over a channel and awaits the reply on a oneshot; it
 //! never blocks on inference. Progress flows back over an unbounded channel, and a shared flag
-//! lets the async side cancel a run between steps. A panic inside the engine is caught here,
-//! the engine is dropped (its state can no longer be trusted) and the job gets an error; the
-//! next job loads a fresh engine.
+//! lets the async side cancel a run between steps. Loaded models stay in a
+//! [`ModelCache`](super::model_cache::ModelCache) (least recently used first out, within the
+//! consumer's memory budget, reloaded when their files change). A panic inside the engine is
+//! caught here, that engine is dropped (its state can no longer be trusted) and the job gets an
+//! error; the next job for the model loads a fresh engine.
 
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,10 +14,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
+use super::model_cache::ModelCache;
 use crate::engine::{
     Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
 };
@@ -88,12 +91,13 @@ pub struct EngineThread {
 }
 
 impl EngineThread {
-    /// Starts the thread; models are loaded on first use.
-    pub fn spawn(options: EngineOptions) -> std::io::Result<EngineThread> {
+    /// Starts the thread with a model cache of `cache_budget_bytes` (0: one model at a time);
+    /// models are loaded on first use.
+    pub fn spawn(options: EngineOptions, cache_budget_bytes: u64) -> std::io::Result<EngineThread> {
         let (sender, receiver) = mpsc::channel::<Command>();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", options.device))
-            .spawn(move || engine_loop(options, receiver))?;
+            .spawn(move || engine_loop(options, cache_budget_bytes, receiver))?;
         Ok(EngineThread {
             sender: Some(sender),
             thread: Some(thread),
@@ -124,14 +128,8 @@ impl EngineThread {
     }
 }
 
-struct Loaded {
-    name: String,
-    path: PathBuf,
-    engine: Engine,
-}
-
-fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
-    let mut loaded: Option<Loaded> = None;
+fn engine_loop(options: EngineOptions, budget: u64, receiver: mpsc::Receiver<Command>) {
+    let mut cache = ModelCache::new(budget);
     while let Ok(Command { job, reply }) = receiver.recv() {
         let EngineJob {
             model,
@@ -143,7 +141,7 @@ fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
             let _ = reply.send(Err(EngineFailure::Cancelled));
             continue;
         }
-        let result = run_one(&options, &mut loaded, &model, &request, &progress, &cancel);
+        let result = run_one(&options, &mut cache, &model, &request, &progress, &cancel);
         // The receiver may be gone (shutdown); nothing else to do with the result then.
         let _ = reply.send(result);
     }
@@ -151,34 +149,21 @@ fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
 
 fn run_one(
     options: &EngineOptions,
-    loaded: &mut Option<Loaded>,
+    cache: &mut ModelCache,
     model: &ModelRef,
     request: &GenerateRequest,
     progress: &tokio_mpsc::UnboundedSender<Progress>,
     cancel: &AtomicBool,
 ) -> Result<EngineRun, EngineFailure> {
-    let mut model_load = None;
-    let current = loaded
-        .as_ref()
-        .is_some_and(|l| l.name == model.name && l.path == model.path);
-    if !current {
-        // Free the previous model before loading the next one.
-        *loaded = None;
-        let started = Instant::now();
-        let engine = catch_unwind(AssertUnwindSafe(|| Engine::load(&model.path, options)))
-            .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
-            .map_err(|source| EngineFailure::Load {
-                model: model.name.clone(),
-                source,
-            })?;
-        model_load = Some(started.elapsed());
-        *loaded = Some(Loaded {
-            name: model.name.clone(),
-            path: model.path.clone(),
-            engine,
-        });
-    }
-    let Some(current) = loaded.as_mut() else {
+    let model_load = catch_unwind(AssertUnwindSafe(|| {
+        cache.ensure_loaded(&model.name, &model.path, |path| Engine::load(path, options))
+    }))
+    .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+    .map_err(|failure| EngineFailure::Load {
+        model: failure.model,
+        source: failure.source,
+    })?;
+    let Some(engine) = cache.current() else {
         return Err(EngineFailure::ThreadGone);
     };
     let mut on_progress = |p: Progress| {
@@ -190,14 +175,14 @@ fn run_one(
         }
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        current.engine.generate(request, &mut on_progress)
+        engine.generate(request, &mut on_progress)
     }));
     match outcome {
         Ok(Ok(output)) => Ok(EngineRun { output, model_load }),
         Ok(Err(_)) if cancel.load(Ordering::Relaxed) => Err(EngineFailure::Cancelled),
         Ok(Err(err)) => Err(EngineFailure::Generate(err)),
         Err(panic) => {
-            *loaded = None;
+            cache.remove(&model.name, &model.path);
             Err(EngineFailure::Panicked(panic_message(panic.as_ref())))
         }
     }
@@ -237,6 +222,7 @@ mod tests {
             crops_coords_top_left: (0, 0),
             target_size: None,
             initial_latents: None,
+            controls: Default::default(),
         }
     }
 
@@ -258,7 +244,7 @@ mod tests {
             device: Device::Cpu,
             ..EngineOptions::default()
         };
-        let thread = EngineThread::spawn(options).unwrap();
+        let thread = EngineThread::spawn(options, 0).unwrap();
         for _ in 0..2 {
             let failure = thread
                 .run(job("/nonexistent/model", false))
@@ -273,13 +259,116 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_cancelled_before_it_starts_is_not_run() {
-        let thread = EngineThread::spawn(EngineOptions::default()).unwrap();
+        let thread = EngineThread::spawn(EngineOptions::default(), 0).unwrap();
         let failure = thread
             .run(job("/nonexistent/model", true))
             .await
             .err()
             .expect("cancelled");
         assert!(matches!(failure, EngineFailure::Cancelled));
+        thread.shutdown().await;
+    }
+
+    fn tiny_model() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    fn model_job(name: &str, path: &std::path::Path) -> EngineJob {
+        EngineJob {
+            model: ModelRef {
+                name: name.to_owned(),
+                path: path.to_path_buf(),
+            },
+            request: request(),
+            progress: tokio_mpsc::unbounded_channel().0,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn options() -> EngineOptions {
+        EngineOptions {
+            intra_threads: Some(1),
+            ..EngineOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn two_models_alternate_on_one_thread_and_stay_loaded_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let second = dir.path().join("tiny-b");
+        copy_dir(&tiny_model(), &second);
+        let plan = [
+            ("a", tiny_model()),
+            ("b", second.clone()),
+            ("a", tiny_model()),
+            ("b", second),
+        ];
+
+        // Room for both: each is loaded once.
+        let thread = EngineThread::spawn(options(), 1 << 30).unwrap();
+        let mut loads = Vec::new();
+        let mut images = Vec::new();
+        for (name, path) in &plan {
+            let run = thread.run(model_job(name, path)).await.expect("runs");
+            loads.push(run.model_load.is_some());
+            images.push(run.output.images[0].rgb.clone());
+        }
+        assert_eq!(loads, [true, true, false, false]);
+        assert_eq!(images[0], images[2]);
+        assert_eq!(images[0], images[1], "the same weights under two names");
+        thread.shutdown().await;
+
+        // A budget of one model: every switch loads again.
+        let thread = EngineThread::spawn(options(), 0).unwrap();
+        let mut loads = Vec::new();
+        for (name, path) in &plan {
+            let run = thread.run(model_job(name, path)).await.expect("runs");
+            loads.push(run.model_load.is_some());
+        }
+        assert_eq!(loads, [true; 4]);
+        thread.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn replaced_model_files_take_effect_with_the_next_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny");
+        copy_dir(&tiny_model(), &model);
+        let thread = EngineThread::spawn(options(), 1 << 30).unwrap();
+        let first = thread.run(model_job("m", &model)).await.expect("runs");
+        let again = thread.run(model_job("m", &model)).await.expect("runs");
+        assert!(first.model_load.is_some());
+        assert!(again.model_load.is_none());
+        assert_eq!(first.output.images[0].rgb, again.output.images[0].rgb);
+
+        // Replace the scheduler configuration: trailing spacing gives other timesteps.
+        let config_path = model.join("scheduler/scheduler_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["timestep_spacing"] = serde_json::json!("trailing");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+
+        let replaced = thread.run(model_job("m", &model)).await.expect("runs");
+        assert!(replaced.model_load.is_some(), "reloaded after the change");
+        assert_ne!(replaced.output.images[0].rgb, first.output.images[0].rgb);
+        let fresh = Engine::load(&model, &options())
+            .unwrap()
+            .generate(&request(), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(replaced.output.images[0].rgb, fresh.images[0].rgb);
         thread.shutdown().await;
     }
 

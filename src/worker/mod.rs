@@ -16,7 +16,9 @@ mod devices;
 mod engine_thread;
 mod heartbeat;
 mod intake;
+pub mod model_cache;
 mod process;
+pub mod result_cache;
 mod run;
 mod settle;
 

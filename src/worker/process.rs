@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
+use super::result_cache;
 use super::run::{self, RunOutcome, StopReason};
 use super::settle::{settle, Disposition};
 use super::WorkerError;
@@ -124,6 +125,13 @@ async fn execute(
         )];
         return fail_invalid(ctx, id, Some(attempt), &errors).await;
     };
+    let cache_key = result_cache::enabled(job, shared.config.worker.result_cache)
+        .then(|| result_cache::cache_key(job, &model.path));
+    if let Some(key) = &cache_key {
+        if let Some(disposition) = serve_cached(ctx, job, &started, key).await {
+            return disposition;
+        }
+    }
     let request = job.generate_request();
     let model_ref = ModelRef {
         name: model.name.clone(),
@@ -143,6 +151,7 @@ async fn execute(
                 request,
                 run,
                 peak_gpu_mem_bytes,
+                cache_key,
             };
             store(ctx, job, &started, output).await
         }
@@ -179,6 +188,65 @@ struct Output {
     request: GenerateRequest,
     run: EngineRun,
     peak_gpu_mem_bytes: Option<u64>,
+    /// Set when the job runs with the result cache: recorded so later jobs can reuse it.
+    cache_key: Option<String>,
+}
+
+/// Serve a job from the result cache: `None` when there is no usable earlier result (the job
+/// then runs; a cache that cannot be read never fails a job).
+async fn serve_cached(
+    ctx: &ConsumerContext,
+    job: &ValidJob,
+    started: &Started,
+    key: &str,
+) -> Option<Disposition> {
+    let db = &ctx.shared.db;
+    let (id, attempt) = (job.id, started.attempt);
+    let hit = match db.find_cached(key, id).await {
+        Ok(hit) => hit?,
+        Err(err) => {
+            tracing::warn!(job_id = %id, error = %err, "result cache lookup failed: running the job");
+            return None;
+        }
+    };
+    let copy_started = Instant::now();
+    let images = match result_cache::copy_images(ctx, id, &hit).await {
+        Ok(images) => images,
+        Err(err) => {
+            tracing::warn!(job_id = %id, from = %hit.job, error = %err, "cached images unreadable: running the job");
+            return None;
+        }
+    };
+    let metrics = JobMetrics {
+        queue_wait_ms: ms(started.queue_wait),
+        model_load_ms: 0.0,
+        text_encoding_ms: 0.0,
+        denoising_ms: 0.0,
+        step_ms: Vec::new(),
+        session_run_ms: 0.0,
+        vae_ms: 0.0,
+        png_ms: 0.0,
+        upload_ms: ms(copy_started.elapsed()),
+        total_ms: ms(started.began.elapsed()),
+        peak_gpu_mem_bytes: None,
+    };
+    let recorded = async {
+        db.set_cache_key(id, attempt, key).await?;
+        let done = db.succeed(id, attempt, &images, &metrics).await?;
+        if done {
+            db.set_cached_from(id, hit.job).await?;
+        }
+        Ok::<bool, crate::db::DbError>(done)
+    };
+    Some(match recorded.await {
+        Ok(true) => {
+            tracing::info!(job_id = %id, attempt, from = %hit.job, total_ms = metrics.total_ms, "job served from the result cache");
+            Disposition::Ack
+        }
+        Ok(false) => Disposition::Ack,
+        Err(err) if err.is_retryable() => Disposition::retry(id, Some(attempt), err),
+        Err(err) => fail(ctx, id, attempt, err.code(), &err.to_string(), None).await,
+    })
 }
 
 /// Encodes and uploads the images, then records the result with its metrics.
@@ -194,6 +262,7 @@ async fn store(
         request,
         run,
         peak_gpu_mem_bytes,
+        cache_key,
     } = output;
     let timings = run.output.timings.clone();
 
@@ -225,6 +294,11 @@ async fn store(
         total_ms: ms(started.began.elapsed()),
         peak_gpu_mem_bytes,
     };
+    if let Some(key) = &cache_key {
+        if let Err(err) = shared.db.set_cache_key(id, attempt, key).await {
+            tracing::warn!(job_id = %id, error = %err, "cannot record the result cache key");
+        }
+    }
     match shared.db.succeed(id, attempt, &images, &metrics).await {
         Ok(true) => {
             tracing::info!(job_id = %id, attempt, images = images.len(), total_ms = metrics.total_ms, "job succeeded");

@@ -60,6 +60,7 @@ pub fn basic_request() -> GenerateRequest {
         crops_coords_top_left: (0, 0),
         target_size: None,
         initial_latents: None,
+        controls: Default::default(),
     }
 }
 

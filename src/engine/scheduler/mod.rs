@@ -114,7 +114,8 @@ pub trait Scheduler: Send {
     /// per-image noise for stochastic schedulers (one stream per image, image-major layout).
     ///
     /// Multistep schedulers keep the previous outputs, so `step` must be called once for every
-    /// index from 0 upwards, with `model_output` as long as `sample`.
+    /// index from the first one run upwards (0, or for image-to-image the start index, as
+    /// diffusers' `set_begin_index`), with `model_output` as long as `sample`.
     fn step(
         &mut self,
         model_output: &[f32],
