@@ -12,6 +12,7 @@
 //! - An absent `seed` is drawn at intake; the normalized message ([`ValidJob::message`]) records
 //!   it with every other default, so retries reproduce the same images.
 
+pub mod controlnet;
 pub mod schema;
 mod validate;
 
@@ -21,7 +22,8 @@ use uuid::Uuid;
 use crate::config::{Limits, ModelsConfig};
 use crate::engine::{GenerateRequest, SchedulerKind, SchedulerOverrides};
 
-pub use validate::parse_and_validate;
+pub use controlnet::ControlNetSpec;
+pub use validate::{parse_and_validate, parse_and_validate_with};
 
 /// The only message version this build understands.
 pub const VERSION: u64 = 1;
@@ -53,7 +55,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 21] = [
+pub const FIELDS: [&str; 23] = [
     "version",
     "id",
     "model",
@@ -75,6 +77,8 @@ pub const FIELDS: [&str; 21] = [
     "target_size",
     "priority",
     "metadata",
+    "controlnets",
+    "guess_mode",
 ];
 
 /// Fields of `scheduler_options`.
@@ -178,6 +182,13 @@ pub struct JobMessage {
     pub priority: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// ControlNets and their control images (see [`controlnet`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnets: Option<Vec<ControlNetSpec>>,
+    /// diffusers' `guess_mode`: ControlNets see only the positive prompt, residuals are scaled
+    /// from 0.1 (shallow) to 1 (deep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guess_mode: Option<bool>,
 }
 
 /// Scheduler options without the `null` entries of options that were not given.

@@ -58,7 +58,8 @@ impl GpuConsumer {
             },
             ..EngineOptions::default()
         };
-        let engine = EngineThread::spawn(options).map_err(|source| WorkerError::EngineThread {
+        let controlnets = super::control::paths(&shared.config.controlnet);
+        let engine = EngineThread::spawn_with_controlnets(options, controlnets).map_err(|source| WorkerError::EngineThread {
             device: device.to_string(),
             source,
         })?;

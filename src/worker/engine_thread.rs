@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
+use super::control::ControlJob;
+use crate::engine::controlnet::{ControlNetPaths, ControlNets};
 use crate::engine::{
     Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
 };
@@ -35,6 +37,8 @@ pub struct EngineJob {
     pub progress: tokio_mpsc::UnboundedSender<Progress>,
     /// Set by the async side to stop the run at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// ControlNets and their decoded images; `None` for plain text-to-image.
+    pub control: Option<ControlJob>,
 }
 
 struct Command {
@@ -90,10 +94,19 @@ pub struct EngineThread {
 impl EngineThread {
     /// Starts the thread; models are loaded on first use.
     pub fn spawn(options: EngineOptions) -> std::io::Result<EngineThread> {
+        Self::spawn_with_controlnets(options, ControlNetPaths::default())
+    }
+
+    /// Starts the thread with the deployment's ControlNets, loaded with a model on the first
+    /// job that uses one.
+    pub fn spawn_with_controlnets(
+        options: EngineOptions,
+        controlnets: ControlNetPaths,
+    ) -> std::io::Result<EngineThread> {
         let (sender, receiver) = mpsc::channel::<Command>();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", options.device))
-            .spawn(move || engine_loop(options, receiver))?;
+            .spawn(move || engine_loop(options, controlnets, receiver))?;
         Ok(EngineThread {
             sender: Some(sender),
             thread: Some(thread),
@@ -128,9 +141,15 @@ struct Loaded {
     name: String,
     path: PathBuf,
     engine: Engine,
+    /// Loaded on the first ControlNet job of this model.
+    controlnets: Option<ControlNets>,
 }
 
-fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
+fn engine_loop(
+    options: EngineOptions,
+    controlnet_paths: ControlNetPaths,
+    receiver: mpsc::Receiver<Command>,
+) {
     let mut loaded: Option<Loaded> = None;
     while let Ok(Command { job, reply }) = receiver.recv() {
         let EngineJob {
@@ -138,25 +157,40 @@ fn engine_loop(options: EngineOptions, receiver: mpsc::Receiver<Command>) {
             request,
             progress,
             cancel,
+            control,
         } = job;
         if cancel.load(Ordering::Relaxed) {
             let _ = reply.send(Err(EngineFailure::Cancelled));
             continue;
         }
-        let result = run_one(&options, &mut loaded, &model, &request, &progress, &cancel);
+        let target = Target {
+            model: &model,
+            request: &request,
+            control: control.as_ref(),
+            controlnet_paths: &controlnet_paths,
+        };
+        let result = run_one(&options, &mut loaded, &target, &progress, &cancel);
         // The receiver may be gone (shutdown); nothing else to do with the result then.
         let _ = reply.send(result);
     }
 }
 
+/// What one command asks the engine thread to run.
+struct Target<'a> {
+    model: &'a ModelRef,
+    request: &'a GenerateRequest,
+    control: Option<&'a ControlJob>,
+    controlnet_paths: &'a ControlNetPaths,
+}
+
 fn run_one(
     options: &EngineOptions,
     loaded: &mut Option<Loaded>,
-    model: &ModelRef,
-    request: &GenerateRequest,
+    target: &Target<'_>,
     progress: &tokio_mpsc::UnboundedSender<Progress>,
     cancel: &AtomicBool,
 ) -> Result<EngineRun, EngineFailure> {
+    let (model, request) = (target.model, target.request);
     let mut model_load = None;
     let current = loaded
         .as_ref()
@@ -176,6 +210,7 @@ fn run_one(
             name: model.name.clone(),
             path: model.path.clone(),
             engine,
+            controlnets: None,
         });
     }
     let Some(current) = loaded.as_mut() else {
@@ -189,8 +224,30 @@ fn run_one(
             ControlFlow::Continue(())
         }
     };
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        current.engine.generate(request, &mut on_progress)
+    if target.control.is_some() && current.controlnets.is_none() {
+        let started = Instant::now();
+        let nets = catch_unwind(AssertUnwindSafe(|| {
+            ControlNets::load(target.controlnet_paths, current.engine.model(), options)
+        }))
+        .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+        .map_err(|source| EngineFailure::Load {
+            model: format!("{} (ControlNets)", model.name),
+            source,
+        })?;
+        current.controlnets = Some(nets);
+        *model_load.get_or_insert(Duration::ZERO) += started.elapsed();
+    }
+    let engine = &current.engine;
+    let controlnets = current.controlnets.as_ref();
+    let outcome = catch_unwind(AssertUnwindSafe(|| match target.control {
+        None => engine.generate(request, &mut on_progress),
+        Some(job) => {
+            let nets = controlnets.ok_or_else(|| {
+                EngineError::invalid("controlnets", "no ControlNets are loaded")
+            })?;
+            let control = super::control::engine_request(job, nets)?;
+            engine.generate_with_control(request, &control, &mut on_progress)
+        }
     }));
     match outcome {
         Ok(Ok(output)) => Ok(EngineRun { output, model_load }),
@@ -249,6 +306,7 @@ mod tests {
             request: request(),
             progress: tokio_mpsc::unbounded_channel().0,
             cancel: Arc::new(AtomicBool::new(cancel)),
+            control: None,
         }
     }
 
