@@ -138,6 +138,9 @@ def _control_images():
     }
 
 
+# Pillow Lanczos resizes kept as goldens for the engine's resize: (source, (width, height)).
+RESIZES = [("depth_80x48.png", (64, 64)), ("canny_96x64.png", (40, 72)), ("depth_80x48.png", (200, 40))]
+
 BASE = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=8, guidance_scale=5.0, seed=42)
 
 
@@ -268,6 +271,13 @@ def make_pipeline_goldens(pipe, controlnets, log=print):
     os.makedirs(out)
     for file, pixels in _control_images().items():
         Image.fromarray(pixels).save(os.path.join(out, file), format="PNG")
+    # Pillow's Lanczos resizes (what the pipeline does to control images), up and down.
+    resizes = []
+    for source, (w, h) in RESIZES:
+        image = Image.open(os.path.join(out, source)).convert("RGB")
+        file = f"{source[:-4]}.resized_{w}x{h}.png"
+        image.resize((w, h), Image.Resampling.LANCZOS).save(os.path.join(out, file), format="PNG")
+        resizes.append({"source": source, "size": [w, h], "file": file})
     cases = []
     for case in CASES:
         log(f"case {case['name']}")
@@ -285,6 +295,7 @@ def make_pipeline_goldens(pipe, controlnets, log=print):
         "init_latents": "as in golden/pipeline: BatchNoise([seed + i ...]).sample(latent_shape), before init_noise_sigma",
         "latents": "raw little-endian float32 final latents, before division by scaling_factor",
         "cases": cases,
+        "resizes": resizes,
     }
     with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)

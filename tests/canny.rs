@@ -38,8 +38,7 @@ fn read_gray(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
 fn canny_agrees_with_opencv_on_real_photographs() {
     let dir = common::fixtures().join("canny");
     let manifest: Manifest =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest.photos.len() >= 5, "at least five photographs");
     let mut failures = Vec::new();
     for photo in &manifest.photos {

@@ -25,6 +25,14 @@ const PIXEL_SHARE: f64 = 0.999;
 #[derive(serde::Deserialize)]
 struct Manifest {
     cases: Vec<Case>,
+    resizes: Vec<Resize>,
+}
+
+#[derive(serde::Deserialize)]
+struct Resize {
+    source: String,
+    size: (u32, u32),
+    file: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -58,8 +66,8 @@ struct CaseControlNet {
     kind: String,
     image: String,
     conditioning_scale: f32,
-    control_guidance_start: f32,
-    control_guidance_end: f32,
+    control_guidance_start: f64,
+    control_guidance_end: f64,
 }
 
 fn golden_dir() -> std::path::PathBuf {
@@ -157,7 +165,11 @@ fn run_case(case: &Case, dir: &Path) -> Result<String, String> {
         return Err(format!("latents differ by up to {diff:e}"));
     }
     if output.images.len() != case.images.len() {
-        return Err(format!("{} images, golden has {}", output.images.len(), case.images.len()));
+        return Err(format!(
+            "{} images, golden has {}",
+            output.images.len(),
+            case.images.len()
+        ));
     }
     let mut worst = 1.0f64;
     for (image, file) in output.images.iter().zip(&case.images) {
@@ -173,7 +185,10 @@ fn run_case(case: &Case, dir: &Path) -> Result<String, String> {
         let share = close as f64 / pixels.len() as f64;
         worst = worst.min(share);
         if share < PIXEL_SHARE {
-            return Err(format!("{file}: only {:.3}% of values within 1/255", share * 100.0));
+            return Err(format!(
+                "{file}: only {:.3}% of values within 1/255",
+                share * 100.0
+            ));
         }
     }
     if output.timings.controlnet.is_zero() {
@@ -189,8 +204,7 @@ fn run_case(case: &Case, dir: &Path) -> Result<String, String> {
 fn engine_matches_diffusers_controlnet_pipeline() {
     let dir = golden_dir();
     let manifest: Manifest =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest.cases.len() >= 6);
     let mut failures = Vec::new();
     for case in &manifest.cases {
@@ -203,6 +217,32 @@ fn engine_matches_diffusers_controlnet_pipeline() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn control_images_resize_as_pillow_lanczos_does() {
+    let dir = golden_dir();
+    let manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    assert!(!manifest.resizes.is_empty());
+    for resize in &manifest.resizes {
+        let source = image(&dir.join(&resize.source));
+        let want = image(&dir.join(&resize.file));
+        let (w, h) = resize.size;
+        let got = source.resized(w, h);
+        assert_eq!((got.width, got.height), (want.width, want.height));
+        let off = got
+            .rgb
+            .iter()
+            .zip(&want.rgb)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            off, 0,
+            "{} -> {w}x{h}: {off} values differ from Pillow",
+            resize.source
+        );
+    }
 }
 
 #[test]

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
+use crate::config::controlnet::ControlNetConfig;
 use crate::config::load::Input;
 use crate::config::types::{
     BrokerConfig, DatabaseConfig, DevicesSetting, Limits, LogConfig, LogFormat, ModelsConfig,
     WorkerConfig,
 };
-use crate::config::controlnet::ControlNetConfig;
 use crate::engine::controlnet::ControlType;
 use crate::engine::SchedulerKind;
 

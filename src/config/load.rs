@@ -564,7 +564,11 @@ fn resolve_controlnet(
             continue;
         }
         let candidates: Vec<PathBuf> = bases.iter().map(|b| b.join(&*path)).collect();
-        if let Some(found) = candidates.iter().find(|c| c.exists()).or(candidates.first()) {
+        if let Some(found) = candidates
+            .iter()
+            .find(|c| c.exists())
+            .or(candidates.first())
+        {
             *path = found.clone();
         }
     }

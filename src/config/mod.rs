@@ -28,7 +28,9 @@ pub use types::{
 /// Size, step and payload limits applied to every job message (see [`crate::job`]).
 pub use types::Limits;
 
-pub use controlnet::{capabilities as controlnet_capabilities, ControlNetCapability, ControlNetConfig};
+pub use controlnet::{
+    capabilities as controlnet_capabilities, ControlNetCapability, ControlNetConfig,
+};
 
 /// Default path of the configuration file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/sdxl-worker.toml";

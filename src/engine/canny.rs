@@ -44,7 +44,10 @@ pub fn check_thresholds(low: u32, high: u32) -> Result<(), EngineError> {
 /// `true` where `image` has an edge, row-major.
 pub fn canny_mask(image: &ControlImage, low: u32, high: u32) -> Vec<bool> {
     let (low, high) = if low > high { (high, low) } else { (low, high) };
-    let (low, high) = (i32::try_from(low).unwrap_or(i32::MAX), i32::try_from(high).unwrap_or(i32::MAX));
+    let (low, high) = (
+        i32::try_from(low).unwrap_or(i32::MAX),
+        i32::try_from(high).unwrap_or(i32::MAX),
+    );
     let w = image.width as usize;
     let h = image.height as usize;
     let (dx, dy, mag) = gradients(image, w, h);
@@ -95,7 +98,16 @@ pub fn canny_mask(image: &ControlImage, low: u32, high: u32) -> Vec<bool> {
     }
     while let Some(i) = stack.pop() {
         let (x, y) = ((i % w) as isize, (i / w) as isize);
-        for (ox, oy) in [(-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)] {
+        for (ox, oy) in [
+            (-1, -1),
+            (0, -1),
+            (1, -1),
+            (-1, 0),
+            (1, 0),
+            (-1, 1),
+            (0, 1),
+            (1, 1),
+        ] {
             let (nx, ny) = (x + ox, y + oy);
             if nx < 0 || ny < 0 || nx >= w as isize || ny >= h as isize {
                 continue;
@@ -152,11 +164,15 @@ mod tests {
     #[test]
     fn a_step_gives_one_vertical_edge_line() {
         let (w, h) = (16u32, 8u32);
-        let gray: Vec<u8> = (0..h).flat_map(|_| (0..w).map(|x| if x < 8 { 10 } else { 240 })).collect();
+        let gray: Vec<u8> = (0..h)
+            .flat_map(|_| (0..w).map(|x| if x < 8 { 10 } else { 240 }))
+            .collect();
         let image = ControlImage::from_gray(w, h, &gray).unwrap();
         let mask = canny_mask(&image, 100, 200);
         for y in 0..h as usize {
-            let row: Vec<usize> = (0..w as usize).filter(|&x| mask[y * w as usize + x]).collect();
+            let row: Vec<usize> = (0..w as usize)
+                .filter(|&x| mask[y * w as usize + x])
+                .collect();
             assert_eq!(row, vec![7], "row {y}");
         }
         let flat = ControlImage::from_gray(w, h, &[90; 128]).unwrap();

@@ -4,8 +4,10 @@
 //!
 //! The resize reproduces Pillow's two-pass separable resampling for 8-bit images: a windowed
 //! sinc of support 3 stretched by the downscale factor, coefficients normalized per output pixel
-//! and rounded to 22-bit fixed point, a horizontal pass then a vertical one, each rounded and
-//! clamped to 0..=255.
+//! and rounded to 22-bit fixed point, one pass per axis, each rounded and clamped to 0..=255.
+//! Upscales, and downscales of one axis, equal Pillow 13 byte for byte. Pillow 13 orders the two
+//! passes by a rule not reproduced for every shrink of both axes (it sometimes resamples the
+//! height first); there a few pixels can differ by some levels.
 
 use super::EngineError;
 
@@ -26,7 +28,10 @@ impl ControlImage {
     /// An image from its pixels; the buffer must hold `width * height * 3` bytes.
     pub fn new(width: u32, height: u32, rgb: Vec<u8>) -> Result<Self, EngineError> {
         if width == 0 || height == 0 {
-            return Err(EngineError::invalid("controlnets", "a control image is empty"));
+            return Err(EngineError::invalid(
+                "controlnets",
+                "a control image is empty",
+            ));
         }
         if rgb.len() != width as usize * height as usize * 3 {
             return Err(EngineError::invalid(
@@ -43,7 +48,11 @@ impl ControlImage {
 
     /// A grey image repeated on the three channels.
     pub fn from_gray(width: u32, height: u32, gray: &[u8]) -> Result<Self, EngineError> {
-        Self::new(width, height, gray.iter().flat_map(|&g| [g, g, g]).collect())
+        Self::new(
+            width,
+            height,
+            gray.iter().flat_map(|&g| [g, g, g]).collect(),
+        )
     }
 
     /// The image at `width`×`height`, resampled as Pillow's `resize(..., LANCZOS)` does.
@@ -51,11 +60,18 @@ impl ControlImage {
         let (w0, h0) = (self.width as usize, self.height as usize);
         let (w1, h1) = (width as usize, height as usize);
         let mut pixels = self.rgb.clone();
-        if w1 != w0 {
-            pixels = resample_rows(&pixels, w0, h0, w1);
-        }
-        if h1 != h0 {
-            pixels = resample_columns(&pixels, w1, h0, h1);
+        // Pillow 13 runs the vertical pass first when the width grows and the height shrinks
+        // (found by comparing with it; each pass rounds to 8 bits, so the order matters).
+        if w1 > w0 && h1 < h0 {
+            pixels = resample_columns(&pixels, w0, h0, h1);
+            pixels = resample_rows(&pixels, w0, h1, w1);
+        } else {
+            if w1 != w0 {
+                pixels = resample_rows(&pixels, w0, h0, w1);
+            }
+            if h1 != h0 {
+                pixels = resample_columns(&pixels, w1, h0, h1);
+            }
         }
         ControlImage {
             width,
@@ -113,7 +129,7 @@ fn coefficients(in_size: usize, out_size: usize) -> Coefficients {
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
         let count = (xmax - xmin).max(0) as usize;
         let mut k: Vec<f64> = (0..count)
-            .map(|x| lanczos((x as i64 + xmin) as f64 - center + 0.5) * ss)
+            .map(|x| lanczos(((x as i64 + xmin) as f64 - center + 0.5) * ss))
             .collect();
         let total: f64 = k.iter().sum();
         if total != 0.0 {

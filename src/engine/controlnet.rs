@@ -55,7 +55,11 @@ pub enum ControlType {
 
 impl ControlType {
     /// Every type, in documentation order.
-    pub const ALL: [ControlType; 3] = [ControlType::Canny, ControlType::Depth, ControlType::Openpose];
+    pub const ALL: [ControlType; 3] = [
+        ControlType::Canny,
+        ControlType::Depth,
+        ControlType::Openpose,
+    ];
 
     /// The id used in job messages and configuration.
     pub fn id(self) -> &'static str {
@@ -108,7 +112,10 @@ pub struct UnetResiduals {
 impl UnetResiduals {
     /// `None` for a plain UNet; an error when the residual inputs are incomplete or do not
     /// match the block layout in `config`.
-    pub fn from_unet(unet: &Component, config: Option<&Value>) -> Result<Option<Self>, EngineError> {
+    pub fn from_unet(
+        unet: &Component,
+        config: Option<&Value>,
+    ) -> Result<Option<Self>, EngineError> {
         let mut indices: Vec<usize> = unet
             .input_names()
             .filter_map(|n| n.strip_prefix(UNET_DOWN)?.parse().ok())
@@ -119,7 +126,9 @@ impl UnetResiduals {
         }
         indices.sort_unstable();
         if indices.iter().enumerate().any(|(i, &k)| i != k) {
-            return Err(unet.dimension_error(UNET_DOWN, "inputs must be numbered 0, 1, 2, … without gaps"));
+            return Err(
+                unet.dimension_error(UNET_DOWN, "inputs must be numbered 0, 1, 2, … without gaps")
+            );
         }
         let layout = block_layout(config).ok_or_else(|| {
             unet.dimension_error(
@@ -137,11 +146,16 @@ impl UnetResiduals {
                 ),
             ));
         }
-        let slot = |name: String, (channels, halvings): (usize, u32)| -> Result<ResidualSlot, EngineError> {
+        let slot = |name: String,
+                    (channels, halvings): (usize, u32)|
+         -> Result<ResidualSlot, EngineError> {
             let info = unet.float_input(&name, &[4])?.clone();
             if let Some(c) = info.fixed_dim(1) {
                 if c != channels {
-                    return Err(unet.dimension_error(&name, format!("has {c} channels, unet/config.json gives {channels}")));
+                    return Err(unet.dimension_error(
+                        &name,
+                        format!("has {c} channels, unet/config.json gives {channels}"),
+                    ));
                 }
             }
             Ok(ResidualSlot {
@@ -171,7 +185,10 @@ fn block_layout(config: Option<&Value>) -> Option<Vec<(usize, u32)>> {
         .map(|v| v.as_u64().and_then(|c| usize::try_from(c).ok()))
         .collect::<Option<_>>()?;
     let layers = match config.get("layers_per_block")? {
-        Value::Array(a) => a.iter().map(|v| v.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>()?,
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()?,
         v => vec![v.as_u64()? as usize; channels.len()],
     };
     if channels.is_empty() || layers.len() != channels.len() {
@@ -204,11 +221,19 @@ pub struct ControlNet {
 
 impl ControlNet {
     /// Load `dir/model.onnx` (and read `dir/config.json` if present) and check its signature.
-    pub fn load(kind: ControlType, dir: &Path, options: &SessionOptions) -> Result<Self, EngineError> {
+    pub fn load(
+        kind: ControlType,
+        dir: &Path,
+        options: &SessionOptions,
+    ) -> Result<Self, EngineError> {
         let config_path = dir.join("config.json");
         if config_path.is_file() {
             let config = read_json(&config_path)?;
-            if config.get("global_pool_conditions").and_then(Value::as_bool) == Some(true) {
+            if config
+                .get("global_pool_conditions")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
                 return Err(EngineError::ModelInvalid {
                     path: config_path,
                     message: "ControlNets with global_pool_conditions are not supported".to_owned(),
@@ -226,7 +251,10 @@ impl ControlNet {
         let controlnet_cond = component.float_input("controlnet_cond", &[4])?.clone();
         if let Some(c) = controlnet_cond.fixed_dim(1) {
             if c != 3 {
-                return Err(component.dimension_error("controlnet_cond", format!("takes {c} channels; control images are RGB")));
+                return Err(component.dimension_error(
+                    "controlnet_cond",
+                    format!("takes {c} channels; control images are RGB"),
+                ));
             }
         }
         let optional = |name: &str, rank: usize| -> Result<Option<TensorInfo>, EngineError> {
@@ -245,7 +273,8 @@ impl ControlNet {
             .collect();
         indices.sort_unstable();
         if indices.is_empty() || indices.iter().enumerate().any(|(i, &k)| i != k) {
-            return Err(component.dimension_error(NET_DOWN, "outputs must be numbered 0, 1, 2, … without gaps"));
+            return Err(component
+                .dimension_error(NET_DOWN, "outputs must be numbered 0, 1, 2, … without gaps"));
         }
         let down_outputs: Vec<String> = indices.iter().map(|i| format!("{NET_DOWN}{i}")).collect();
         for name in &down_outputs {
@@ -319,7 +348,11 @@ pub struct ControlNets {
 impl ControlNets {
     /// Load every configured ControlNet and preprocessor, checking the ControlNets against the
     /// UNet of `model`.
-    pub fn load(paths: &ControlNetPaths, model: &SdxlModel, options: &EngineOptions) -> Result<Self, EngineError> {
+    pub fn load(
+        paths: &ControlNetPaths,
+        model: &SdxlModel,
+        options: &EngineOptions,
+    ) -> Result<Self, EngineError> {
         let session_options = SessionOptions {
             device: options.device,
             intra_threads: options.intra_threads,
@@ -334,9 +367,15 @@ impl ControlNets {
         let mut preprocessors = BTreeMap::new();
         for (&kind, dir) in &paths.preprocessors {
             let spec = super::preprocess::PreprocessorSpec::from_dir(dir)?;
-            preprocessors.insert(kind, super::preprocess::Preprocessor::load(&spec, &session_options)?);
+            preprocessors.insert(
+                kind,
+                super::preprocess::Preprocessor::load(&spec, &session_options)?,
+            );
         }
-        Ok(Self { nets, preprocessors })
+        Ok(Self {
+            nets,
+            preprocessors,
+        })
     }
 
     /// The ControlNet for `kind`, if one is loaded.
@@ -363,9 +402,9 @@ pub struct ControlUnit<'a> {
     pub image: ControlImage,
     pub conditioning_scale: f32,
     /// Fraction of the steps before which the ControlNet is off.
-    pub guidance_start: f32,
+    pub guidance_start: f64,
     /// Fraction of the steps after which the ControlNet is off.
-    pub guidance_end: f32,
+    pub guidance_end: f64,
 }
 
 /// The ControlNets of one request.
@@ -381,7 +420,10 @@ impl ControlRequest<'_> {
         for unit in &self.units {
             unit.net.check_unet(unet)?;
             if !unit.conditioning_scale.is_finite() {
-                return Err(EngineError::invalid("controlnets", "conditioning_scale must be finite"));
+                return Err(EngineError::invalid(
+                    "controlnets",
+                    "conditioning_scale must be finite",
+                ));
             }
             let (s, e) = (unit.guidance_start, unit.guidance_end);
             if !(0.0..=1.0).contains(&s) || !(0.0..=1.0).contains(&e) || s >= e {
@@ -395,10 +437,11 @@ impl ControlRequest<'_> {
     }
 }
 
-/// diffusers' `controlnet_keep`: whether step `i` of `total` lies in `[start, end]`.
-pub fn keeps(i: usize, total: usize, start: f32, end: f32) -> bool {
+/// diffusers' `controlnet_keep`: whether step `i` of `total` lies in `[start, end]` (in
+/// float64, as Python compares them).
+pub fn keeps(i: usize, total: usize, start: f64, end: f64) -> bool {
     let (i, n) = (i as f64, total as f64);
-    !(i / n < f64::from(start) || (i + 1.0) / n > f64::from(end))
+    !(i / n < start || (i + 1.0) / n > end)
 }
 
 /// Guess mode's per-residual scales: `logspace(-1, 0, count + 1) * scale`.
@@ -406,7 +449,11 @@ pub fn guess_scales(count: usize, scale: f32) -> Vec<f32> {
     let steps = count + 1;
     (0..steps)
         .map(|k| {
-            let exponent = if steps == 1 { -1.0 } else { -1.0 + k as f64 / (steps - 1) as f64 };
+            let exponent = if steps == 1 {
+                -1.0
+            } else {
+                -1.0 + k as f64 / (steps - 1) as f64
+            };
             (10f64.powf(exponent) as f32) * scale
         })
         .collect()
@@ -419,8 +466,8 @@ struct PreparedUnit<'a> {
     pooled: Option<DynValue>,
     time_ids: Option<DynValue>,
     scale: f32,
-    start: f32,
-    end: f32,
+    start: f64,
+    end: f64,
 }
 
 /// The ControlNet part of one run: prepared inputs and the residuals fed to the UNet each step.
@@ -444,16 +491,28 @@ impl<'a> ControlRun<'a> {
         let slots = model.unet.residuals.as_ref();
         let guess = control.is_some_and(|c| c.guess_mode);
         let rows = shape.unet_rows();
-        let cn_rows = if guess && shape.guidance { shape.images } else { rows };
+        let cn_rows = if guess && shape.guidance {
+            shape.images
+        } else {
+            rows
+        };
         let mut units = Vec::new();
         for unit in control.map(|c| c.units.as_slice()).unwrap_or_default() {
             let net = unit.net;
-            let err = |source| EngineError::Inference { stage: CONTROLNET, source };
+            let err = |source| EngineError::Inference {
+                stage: CONTROLNET,
+                source,
+            };
             let image = unit.image.resized(request.width, request.height);
             let planar = image.to_planar();
             let cond_data: Vec<f32> = (0..cn_rows).flat_map(|_| planar.iter().copied()).collect();
             let (w, h) = (i64::from(request.width), i64::from(request.height));
-            let cond = tensor::float_value(net.controlnet_cond.elem, &[cn_rows as i64, 3, h, w], &cond_data).map_err(err)?;
+            let cond = tensor::float_value(
+                net.controlnet_cond.elem,
+                &[cn_rows as i64, 3, h, w],
+                &cond_data,
+            )
+            .map_err(err)?;
             let parts: Vec<&super::text::Embedding> = match (&conditioning.negative, guess) {
                 (Some(neg), false) => vec![neg, &conditioning.positive],
                 _ => vec![&conditioning.positive],
@@ -471,7 +530,9 @@ impl<'a> ControlRun<'a> {
             let hidden = net
                 .encoder_hidden_states
                 .as_ref()
-                .map(|i| tensor::float_value(i.elem, &[r, pos.seq as i64, pos.width as i64], &hidden))
+                .map(|i| {
+                    tensor::float_value(i.elem, &[r, pos.seq as i64, pos.width as i64], &hidden)
+                })
                 .transpose()
                 .map_err(err)?;
             let pooled = net
@@ -538,7 +599,10 @@ impl<'a> ControlRun<'a> {
             .filter(|u| u.scale != 0.0 && keeps(i, total, u.start, u.end))
             .collect();
         if active.is_empty() {
-            return Ok(names.zip(&self.zeros).map(|(s, z)| (s.name.as_str(), z.into())).collect());
+            return Ok(names
+                .zip(&self.zeros)
+                .map(|(s, z)| (s.name.as_str(), z.into()))
+                .collect());
         }
         let started = Instant::now();
         let shape = self.shape;
@@ -546,13 +610,22 @@ impl<'a> ControlRun<'a> {
         let split = self.guess && self.guidance;
         let cn_rows = if split { shape.images } else { rows };
         let sample_data = &model_input[..cn_rows * shape.per_image()];
-        let sample_shape = [cn_rows as i64, shape.channels as i64, shape.latent_h as i64, shape.latent_w as i64];
+        let sample_shape = [
+            cn_rows as i64,
+            shape.channels as i64,
+            shape.latent_h as i64,
+            shape.latent_w as i64,
+        ];
         let slot_list: Vec<&ResidualSlot> = names.collect();
         let mut sums: Vec<Vec<f32>> = Vec::new();
         for unit in active {
             let net = unit.net;
-            let err = |source| EngineError::Inference { stage: CONTROLNET, source };
-            let sample = tensor::float_value(net.sample.elem, &sample_shape, sample_data).map_err(err)?;
+            let err = |source| EngineError::Inference {
+                stage: CONTROLNET,
+                source,
+            };
+            let sample =
+                tensor::float_value(net.sample.elem, &sample_shape, sample_data).map_err(err)?;
             let timestep = timestep_value(&net.timestep, t, cn_rows).map_err(err)?;
             let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
                 ("sample", sample.into()),
@@ -568,7 +641,12 @@ impl<'a> ControlRun<'a> {
                     inputs.push((name, v.into()));
                 }
             }
-            let wanted: Vec<&str> = net.down_outputs.iter().map(String::as_str).chain([NET_MID]).collect();
+            let wanted: Vec<&str> = net
+                .down_outputs
+                .iter()
+                .map(String::as_str)
+                .chain([NET_MID])
+                .collect();
             let result = net.component.run(CONTROLNET, inputs, &wanted)?;
             let scales = if self.guess {
                 guess_scales(net.down_count(), unit.scale)
@@ -576,15 +654,26 @@ impl<'a> ControlRun<'a> {
                 vec![unit.scale; net.down_count() + 1]
             };
             for (k, (out, slot)) in result.outputs.into_iter().zip(&slot_list).enumerate() {
-                let expected: usize = slot.shape(cn_rows, shape.latent_h, shape.latent_w).iter().product();
+                let expected: usize = slot
+                    .shape(cn_rows, shape.latent_h, shape.latent_w)
+                    .iter()
+                    .product();
                 if out.data.len() != expected {
                     return Err(EngineError::UnexpectedOutput {
                         stage: CONTROLNET,
-                        message: format!("{} values for `{}`, the UNet's `{}` needs {expected}", out.data.len(), wanted[k], slot.name),
+                        message: format!(
+                            "{} values for `{}`, the UNet's `{}` needs {expected}",
+                            out.data.len(),
+                            wanted[k],
+                            slot.name
+                        ),
                     });
                 }
                 if out.data.iter().any(|v| !v.is_finite()) {
-                    return Err(EngineError::NonFinite { stage: CONTROLNET, hint: String::new() });
+                    return Err(EngineError::NonFinite {
+                        stage: CONTROLNET,
+                        hint: String::new(),
+                    });
                 }
                 let scaled = out.data.iter().map(|&v| v * scales[k]);
                 match sums.get_mut(k) {
@@ -613,7 +702,10 @@ impl<'a> ControlRun<'a> {
 }
 
 fn unet_err(source: ort::Error) -> EngineError {
-    EngineError::Inference { stage: "UNet", source }
+    EngineError::Inference {
+        stage: "UNet",
+        source,
+    }
 }
 
 #[cfg(test)]
@@ -622,6 +714,8 @@ mod tests {
 
     #[test]
     fn keep_windows_follow_diffusers() {
+        // 10 steps, start 0.3: 3 / 10 is not below 0.3 in float64, so step 3 is kept.
+        assert!(keeps(3, 10, 0.3, 1.0));
         // 8 steps, window [0.3, 1.0]: diffusers keeps steps 3..8 (i / 8 >= 0.3).
         let kept: Vec<usize> = (0..8).filter(|&i| keeps(i, 8, 0.3, 1.0)).collect();
         assert_eq!(kept, vec![3, 4, 5, 6, 7]);
@@ -634,13 +728,17 @@ mod tests {
     fn guess_scales_run_from_a_tenth_to_the_scale() {
         let s = guess_scales(4, 2.0);
         assert_eq!(s.len(), 5);
-        assert!((s[0] - 0.2).abs() < 1e-6 && (s[4] - 2.0).abs() < 1e-6, "{s:?}");
+        assert!(
+            (s[0] - 0.2).abs() < 1e-6 && (s[4] - 2.0).abs() < 1e-6,
+            "{s:?}"
+        );
         assert!(s.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]
     fn block_layout_matches_the_sdxl_unet() {
-        let sdxl = serde_json::json!({"block_out_channels": [320, 640, 1280], "layers_per_block": 2});
+        let sdxl =
+            serde_json::json!({"block_out_channels": [320, 640, 1280], "layers_per_block": 2});
         let layout = block_layout(Some(&sdxl)).unwrap();
         assert_eq!(layout.len(), 10, "9 down residuals and the mid one");
         assert_eq!(layout[0], (320, 0));

@@ -309,8 +309,13 @@ impl Engine {
             let sample = tensor::float_value(unet.sample.elem, &sample_shape, &model_input)
                 .map_err(unet_err)?;
             let timestep = timestep_value(&unet.timestep, t, rows).map_err(unet_err)?;
-            let residuals =
-                control.step(i, timesteps.len(), &model_input, t, &mut state.timings.controlnet)?;
+            let residuals = control.step(
+                i,
+                timesteps.len(),
+                &model_input,
+                t,
+                &mut state.timings.controlnet,
+            )?;
             let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
                 ("sample", sample.into()),
                 ("timestep", timestep.into()),

@@ -81,9 +81,17 @@ impl Preprocessor {
     /// Load the model and check that it has one float input of rank 4 and a float output.
     pub fn load(spec: &PreprocessorSpec, options: &SessionOptions) -> Result<Self, EngineError> {
         let component = Component::load_file(&spec.path, options)?;
-        let input = component.input_names().next().unwrap_or_default().to_owned();
+        let input = component
+            .input_names()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         component.float_input(&input, &[4])?;
-        let output = component.output_names().next().unwrap_or_default().to_owned();
+        let output = component
+            .output_names()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         component.float_output(&output, &[3, 4])?;
         if spec.input_size == 0 || spec.std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
             return Err(EngineError::ModelInvalid {
@@ -109,31 +117,58 @@ impl Preprocessor {
             chunk.iter_mut().for_each(|v| *v = (*v - m) / s);
         }
         let info = self.component.input(&self.input)?;
-        let value = tensor::float_value(info.elem, &[1, 3, i64::from(side), i64::from(side)], &planar)
-            .map_err(|source| EngineError::Inference { stage: STAGE, source })?;
-        let result = self
-            .component
-            .run(STAGE, vec![(self.input.as_str(), value.into())], &[&self.output])?;
-        let out = result.outputs.into_iter().next().unwrap_or_else(|| tensor::FloatTensor {
-            shape: vec![],
-            data: vec![],
-        });
+        let value = tensor::float_value(
+            info.elem,
+            &[1, 3, i64::from(side), i64::from(side)],
+            &planar,
+        )
+        .map_err(|source| EngineError::Inference {
+            stage: STAGE,
+            source,
+        })?;
+        let result = self.component.run(
+            STAGE,
+            vec![(self.input.as_str(), value.into())],
+            &[&self.output],
+        )?;
+        let out = result
+            .outputs
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| tensor::FloatTensor {
+                shape: vec![],
+                data: vec![],
+            });
         let dims: Vec<usize> = out.shape.iter().map(|&d| d.max(0) as usize).collect();
-        let bad = |message: String| EngineError::UnexpectedOutput { stage: STAGE, message };
+        let bad = |message: String| EngineError::UnexpectedOutput {
+            stage: STAGE,
+            message,
+        };
         if out.data.iter().any(|v| !v.is_finite()) {
-            return Err(EngineError::NonFinite { stage: STAGE, hint: String::new() });
+            return Err(EngineError::NonFinite {
+                stage: STAGE,
+                hint: String::new(),
+            });
         }
         let (h, w) = match dims.as_slice() {
             [1, h, w] | [1, 1, h, w] if self.spec.output == PreprocessOutput::Map => (*h, *w),
             [1, 3, h, w] if self.spec.output == PreprocessOutput::Image => (*h, *w),
-            other => return Err(bad(format!("an output of shape {other:?} for a `{:?}` preprocessor", self.spec.output))),
+            other => {
+                return Err(bad(format!(
+                    "an output of shape {other:?} for a `{:?}` preprocessor",
+                    self.spec.output
+                )))
+            }
         };
         if h == 0 || w == 0 {
             return Err(bad("an empty output".to_owned()));
         }
         let image = match self.spec.output {
             PreprocessOutput::Map => {
-                let (lo, hi) = out.data.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let (lo, hi) = out
+                    .data
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                 let range = if hi > lo { hi - lo } else { 1.0 };
                 let gray: Vec<u8> = out
                     .data

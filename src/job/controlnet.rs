@@ -141,8 +141,14 @@ impl Entry<'_> {
                 self.push(key, codes::EMPTY, "must not be empty");
                 None
             }
-            Value::String(s) if s.chars().count() > MAX_REFERENCE_CHARS && key != "image_base64" => {
-                self.push(key, codes::TOO_LONG, format!("at most {MAX_REFERENCE_CHARS} characters"));
+            Value::String(s)
+                if s.chars().count() > MAX_REFERENCE_CHARS && key != "image_base64" =>
+            {
+                self.push(
+                    key,
+                    codes::TOO_LONG,
+                    format!("at most {MAX_REFERENCE_CHARS} characters"),
+                );
                 None
             }
             Value::String(s) if s.contains('\0') => {
@@ -164,7 +170,11 @@ impl Entry<'_> {
         match value.as_f64() {
             Some(x) if (min..=max).contains(&x) => Some(x),
             Some(x) => {
-                self.push(key, codes::OUT_OF_RANGE, format!("{x} is outside {min}..={max}"));
+                self.push(
+                    key,
+                    codes::OUT_OF_RANGE,
+                    format!("{x} is outside {min}..={max}"),
+                );
                 None
             }
             None => {
@@ -179,7 +189,9 @@ impl Entry<'_> {
             return Some(None);
         };
         match value.as_u64() {
-            Some(n) if canny::check_thresholds(n.min(u64::from(u32::MAX)) as u32, 0).is_ok() => Some(Some(n as u32)),
+            Some(n) if canny::check_thresholds(n.min(u64::from(u32::MAX)) as u32, 0).is_ok() => {
+                Some(Some(n as u32))
+            }
             Some(n) => {
                 self.push(key, codes::OUT_OF_RANGE, format!("{n} is outside 0..=4080"));
                 None
@@ -193,16 +205,28 @@ impl Entry<'_> {
 }
 
 /// Check the `controlnets` value; `None` when it has errors (pushed to `errors`).
-pub(super) fn check(value: &Value, config: &ControlNetConfig, errors: &mut Vec<FieldError>) -> Option<Vec<ControlNetSpec>> {
+pub(super) fn check(
+    value: &Value,
+    config: &ControlNetConfig,
+    errors: &mut Vec<FieldError>,
+) -> Option<Vec<ControlNetSpec>> {
     let Value::Array(items) = value else {
-        errors.push(FieldError::new("controlnets", codes::WRONG_TYPE, "expected an array of ControlNet entries"));
+        errors.push(FieldError::new(
+            "controlnets",
+            codes::WRONG_TYPE,
+            "expected an array of ControlNet entries",
+        ));
         return None;
     };
     if items.len() > config.max_units as usize {
         errors.push(FieldError::new(
             "controlnets",
             codes::WRONG_LENGTH,
-            format!("{} ControlNets; at most {} are accepted", items.len(), config.max_units),
+            format!(
+                "{} ControlNets; at most {} are accepted",
+                items.len(),
+                config.max_units
+            ),
         ));
         return None;
     }
@@ -211,7 +235,11 @@ pub(super) fn check(value: &Value, config: &ControlNetConfig, errors: &mut Vec<F
     for (i, item) in items.iter().enumerate() {
         let path = format!("controlnets[{i}]");
         let Value::Object(obj) = item else {
-            errors.push(FieldError::new(path, codes::WRONG_TYPE, "expected an object"));
+            errors.push(FieldError::new(
+                path,
+                codes::WRONG_TYPE,
+                "expected an object",
+            ));
             continue;
         };
         let mut entry = Entry { path, obj, errors };
@@ -223,25 +251,51 @@ pub(super) fn check(value: &Value, config: &ControlNetConfig, errors: &mut Vec<F
 }
 
 fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNetSpec> {
-    for key in e.obj.keys().filter(|k| !FIELDS.contains(&k.as_str())).cloned().collect::<Vec<_>>() {
-        e.push(&key, codes::UNKNOWN_FIELD, format!("{key:?} is not a field of ControlNet entries"));
+    for key in e
+        .obj
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        e.push(
+            &key,
+            codes::UNKNOWN_FIELD,
+            format!("{key:?} is not a field of ControlNet entries"),
+        );
     }
     let known: Vec<&str> = ControlType::ALL.iter().map(|t| t.id()).collect();
     let kind = match e.get("type") {
         None => {
-            e.push("type", codes::MISSING, format!("type is required ({})", known.join(", ")));
+            e.push(
+                "type",
+                codes::MISSING,
+                format!("type is required ({})", known.join(", ")),
+            );
             None
         }
         Some(Value::String(s)) => match ControlType::parse(s) {
             Some(kind) if config.has_model(kind) => Some(kind),
             Some(kind) => {
                 let loaded: Vec<&str> = config.models.keys().map(|t| t.id()).collect();
-                let have = if loaded.is_empty() { "none".to_owned() } else { loaded.join(", ") };
-                e.push("type", codes_cn::UNAVAILABLE, format!("no {kind} ControlNet is configured here (available: {have})"));
+                let have = if loaded.is_empty() {
+                    "none".to_owned()
+                } else {
+                    loaded.join(", ")
+                };
+                e.push(
+                    "type",
+                    codes_cn::UNAVAILABLE,
+                    format!("no {kind} ControlNet is configured here (available: {have})"),
+                );
                 None
             }
             None => {
-                e.push("type", codes_cn::UNKNOWN_TYPE, format!("unknown ControlNet type {s:?}; known: {}", known.join(", ")));
+                e.push(
+                    "type",
+                    codes_cn::UNKNOWN_TYPE,
+                    format!("unknown ControlNet type {s:?}; known: {}", known.join(", ")),
+                );
                 None
             }
         },
@@ -253,20 +307,35 @@ fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNe
     let image_key = e.text("image_key");
     let image_url = e.text("image_url");
     let image_base64 = e.text("image_base64");
-    let given = ["image_key", "image_url", "image_base64"].iter().filter(|k| e.get(k).is_some()).count();
+    let given = ["image_key", "image_url", "image_base64"]
+        .iter()
+        .filter(|k| e.get(k).is_some())
+        .count();
     if given != 1 {
-        e.push("", codes_cn::IMAGE_SOURCE, format!("give exactly one of image_key, image_url, image_base64 ({given} given)"));
+        e.push(
+            "",
+            codes_cn::IMAGE_SOURCE,
+            format!("give exactly one of image_key, image_url, image_base64 ({given} given)"),
+        );
     }
     if let Some(key) = &image_key {
         if key.starts_with('/') || key.split('/').any(|part| part == "..") {
-            e.push("image_key", codes::INVALID_VALUE, "a storage key is relative and has no `..` parts");
+            e.push(
+                "image_key",
+                codes::INVALID_VALUE,
+                "a storage key is relative and has no `..` parts",
+            );
         }
     }
     if let Some(url) = &image_url {
         if !config.allow_image_urls {
             e.push("image_url", codes_cn::URL_NOT_ALLOWED, "this deployment does not fetch control images by URL; use image_key or image_base64");
         } else if !url.starts_with("https://") || url.len() <= "https://".len() {
-            e.push("image_url", codes::INVALID_VALUE, "only https:// URLs are fetched");
+            e.push(
+                "image_url",
+                codes::INVALID_VALUE,
+                "only https:// URLs are fetched",
+            );
         }
     }
     if let Some(data) = &image_base64 {
@@ -274,18 +343,35 @@ fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNe
             Ok(bytes) if bytes.len() > config.max_image_bytes => e.push(
                 "image_base64",
                 codes_cn::IMAGE_TOO_LARGE,
-                format!("{} bytes; at most {} are accepted", bytes.len(), config.max_image_bytes),
+                format!(
+                    "{} bytes; at most {} are accepted",
+                    bytes.len(),
+                    config.max_image_bytes
+                ),
             ),
             Ok(_) => {}
-            Err(err) => e.push("image_base64", codes::INVALID_VALUE, format!("not valid base64: {err}")),
+            Err(err) => e.push(
+                "image_base64",
+                codes::INVALID_VALUE,
+                format!("not valid base64: {err}"),
+            ),
         }
     }
-    let scale = e.number("conditioning_scale", 0.0, MAX_CONDITIONING_SCALE, DEFAULT_CONDITIONING_SCALE);
+    let scale = e.number(
+        "conditioning_scale",
+        0.0,
+        MAX_CONDITIONING_SCALE,
+        DEFAULT_CONDITIONING_SCALE,
+    );
     let start = e.number("control_guidance_start", 0.0, 1.0, 0.0);
     let end = e.number("control_guidance_end", 0.0, 1.0, 1.0);
     if let (Some(s), Some(en)) = (start, end) {
         if s >= en {
-            e.push("control_guidance_end", codes::OUT_OF_RANGE, format!("must be greater than control_guidance_start ({s})"));
+            e.push(
+                "control_guidance_end",
+                codes::OUT_OF_RANGE,
+                format!("must be greater than control_guidance_start ({s})"),
+            );
         }
     }
     let preprocess = match e.get("preprocess") {
@@ -303,9 +389,14 @@ fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNe
     }
     let low = e.threshold("canny_low_threshold");
     let high = e.threshold("canny_high_threshold");
-    let has_thresholds = e.get("canny_low_threshold").is_some() || e.get("canny_high_threshold").is_some();
+    let has_thresholds =
+        e.get("canny_low_threshold").is_some() || e.get("canny_high_threshold").is_some();
     if has_thresholds && (kind != Some(ControlType::Canny) || !preprocess) && kind.is_some() {
-        e.push("canny_low_threshold", codes::INVALID_VALUE, "canny thresholds apply only to canny entries with preprocess: true");
+        e.push(
+            "canny_low_threshold",
+            codes::INVALID_VALUE,
+            "canny thresholds apply only to canny entries with preprocess: true",
+        );
     }
     Some(ControlNetSpec {
         kind: kind?,

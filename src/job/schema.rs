@@ -166,7 +166,9 @@ fn pair_field(min: u32, description: &str) -> Value {
 }
 
 fn controlnets() -> Value {
-    use super::controlnet::{DEFAULT_CONDITIONING_SCALE, MAX_CONDITIONING_SCALE, MAX_REFERENCE_CHARS};
+    use super::controlnet::{
+        DEFAULT_CONDITIONING_SCALE, MAX_CONDITIONING_SCALE, MAX_REFERENCE_CHARS,
+    };
     let types: Vec<Value> = crate::engine::controlnet::ControlType::ALL
         .iter()
         .map(|t| json!(t.id()))

@@ -59,10 +59,13 @@ impl GpuConsumer {
             ..EngineOptions::default()
         };
         let controlnets = super::control::paths(&shared.config.controlnet);
-        let engine = EngineThread::spawn_with_controlnets(options, controlnets).map_err(|source| WorkerError::EngineThread {
-            device: device.to_string(),
-            source,
-        })?;
+        let engine =
+            EngineThread::spawn_with_controlnets(options, controlnets).map_err(|source| {
+                WorkerError::EngineThread {
+                    device: device.to_string(),
+                    source,
+                }
+            })?;
         let (abort, abort_rx) = watch::channel(false);
         let context = ConsumerContext {
             shared,

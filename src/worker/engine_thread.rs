@@ -92,13 +92,8 @@ pub struct EngineThread {
 }
 
 impl EngineThread {
-    /// Starts the thread; models are loaded on first use.
-    pub fn spawn(options: EngineOptions) -> std::io::Result<EngineThread> {
-        Self::spawn_with_controlnets(options, ControlNetPaths::default())
-    }
-
-    /// Starts the thread with the deployment's ControlNets, loaded with a model on the first
-    /// job that uses one.
+    /// Starts the thread with the deployment's ControlNets; models are loaded on first use,
+    /// ControlNets with a model's first job that uses one.
     pub fn spawn_with_controlnets(
         options: EngineOptions,
         controlnets: ControlNetPaths,
@@ -242,9 +237,8 @@ fn run_one(
     let outcome = catch_unwind(AssertUnwindSafe(|| match target.control {
         None => engine.generate(request, &mut on_progress),
         Some(job) => {
-            let nets = controlnets.ok_or_else(|| {
-                EngineError::invalid("controlnets", "no ControlNets are loaded")
-            })?;
+            let nets = controlnets
+                .ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
             let control = super::control::engine_request(job, nets)?;
             engine.generate_with_control(request, &control, &mut on_progress)
         }
@@ -316,7 +310,8 @@ mod tests {
             device: Device::Cpu,
             ..EngineOptions::default()
         };
-        let thread = EngineThread::spawn(options).unwrap();
+        let thread =
+            EngineThread::spawn_with_controlnets(options, ControlNetPaths::default()).unwrap();
         for _ in 0..2 {
             let failure = thread
                 .run(job("/nonexistent/model", false))
@@ -331,7 +326,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_cancelled_before_it_starts_is_not_run() {
-        let thread = EngineThread::spawn(EngineOptions::default()).unwrap();
+        let thread = EngineThread::spawn_with_controlnets(
+            EngineOptions::default(),
+            ControlNetPaths::default(),
+        )
+        .unwrap();
         let failure = thread
             .run(job("/nonexistent/model", true))
             .await
