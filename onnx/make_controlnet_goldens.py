@@ -12,6 +12,8 @@ Writes, relative to the repository root:
 - `tests/fixtures/golden/controlnet/`: diffusers `StableDiffusionXLControlNetPipeline` runs
   (PyTorch, float32, CPU) with the project's seeded noise, as `make_goldens.py` makes the
   text-to-image ones; see `manifest.json` there.
+- `tests/fixtures/tiny-preprocessor/depth/`: a stand-in ONNX depth estimator and the control
+  image the engine must compute with it from a canny fixture photograph.
 - `tests/fixtures/canny/`: real photographs from scikit-image's bundled sample data (160²
   crops) and OpenCV's `Canny(image, low, high)` of each, for the built-in edge detector's tests.
 """
@@ -23,6 +25,7 @@ import shutil
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from PIL import Image
@@ -339,15 +342,66 @@ def make_canny_fixtures(log=print):
         f.write("\n")
 
 
+PREPROCESSOR_DIR = os.path.join("tests", "fixtures", "tiny-preprocessor", "depth")
+PREPROCESSOR = {"input_size": 160, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "output": "map"}
+
+
+def make_preprocessor(log=print):
+    """A stand-in depth estimator for the ONNX preprocessor path: 2x2 average pooling of the
+    normalized image, then the mean over channels, as [1, S/2, S/2]. Its expected control image
+    for the astronaut crop is computed here as the engine documents it: min-max to 0..255
+    (rounded half up), grey on three channels, Lanczos-resized back to the photo's size."""
+    from onnx import TensorProto, helper
+
+    out = os.path.join(REPO, PREPROCESSOR_DIR)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    side = PREPROCESSOR["input_size"]
+    nodes = [
+        helper.make_node("AveragePool", ["pixel_values"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ReduceMean", ["pooled"], ["predicted_depth"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_depth",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("predicted_depth", TensorProto.FLOAT, [1, side // 2, side // 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "model.onnx"))
+    with open(os.path.join(out, "preprocessor.json"), "w", encoding="utf-8") as f:
+        json.dump(PREPROCESSOR, f, indent=2)
+        f.write("\n")
+    photo = np.asarray(Image.open(os.path.join(REPO, CANNY_DIR, "astronaut.png")).convert("RGB"))
+    x = photo.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0)
+    mean = np.array(PREPROCESSOR["mean"], np.float32)[None, :, None, None]
+    std = np.array(PREPROCESSOR["std"], np.float32)[None, :, None, None]
+    x = (x - mean) / std
+    sess = _session(os.path.join(out, "model.onnx"))
+    (depth,) = sess.run(None, {"pixel_values": x.astype(np.float32)})
+    d = depth[0]
+    lo, hi = d.min(), d.max()
+    gray = np.floor((d - lo) / (hi - lo) * np.float32(255.0) + np.float32(0.5)).clip(0, 255).astype(np.uint8)
+    rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    expected = rgb.resize((photo.shape[1], photo.shape[0]), Image.Resampling.LANCZOS)
+    expected.save(os.path.join(out, "astronaut.expected.png"), format="PNG")
+    log("preprocessor fixture")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Regenerate the ControlNet fixtures and goldens.")
-    p.add_argument("--only", choices=("models", "pipeline", "canny"), action="append")
+    p.add_argument("--only", choices=("models", "pipeline", "canny", "preprocessor"), action="append")
     args = p.parse_args(argv)
-    parts = set(args.only or ("models", "pipeline", "canny"))
+    parts = set(args.only or ("models", "pipeline", "canny", "preprocessor"))
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     if "canny" in parts:
         make_canny_fixtures()
+    if "preprocessor" in parts:
+        make_preprocessor()
     if parts & {"models", "pipeline"}:
         pipe = build_tiny_pipeline(SEED)
         if "models" in parts:

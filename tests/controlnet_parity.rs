@@ -344,12 +344,55 @@ fn plain_unet_still_works_and_zero_residuals_are_exact() {
     assert!(diff <= 1e-5, "plain and variant UNets differ by {diff}");
 
     // A ControlNet cannot be used with a UNet that takes no residuals.
-    let mut paths = ControlNetPaths::default();
-    paths.models = BTreeMap::from([(
-        ControlType::Canny,
-        common::fixtures().join("tiny-controlnet/canny"),
-    )]);
+    let paths = ControlNetPaths {
+        models: BTreeMap::from([(
+            ControlType::Canny,
+            common::fixtures().join("tiny-controlnet/canny"),
+        )]),
+        ..ControlNetPaths::default()
+    };
     let err = ControlNets::load(&paths, plain.model(), &options).unwrap_err();
     assert_eq!(err.code(), "model_invalid");
     assert!(err.to_string().contains("model_controlnet.onnx"), "{err}");
+}
+
+#[test]
+fn an_onnx_preprocessor_turns_a_photo_into_a_control_image() {
+    let dir = common::fixtures().join("tiny-preprocessor/depth");
+    let mut paths = ControlNetPaths::default();
+    paths.preprocessors.insert(ControlType::Depth, dir.clone());
+    let options = EngineOptions {
+        device: common::test_device(),
+        intra_threads: Some(1),
+        tf32: false,
+    };
+    let nets = ControlNets::load(&paths, common::tiny_engine().model(), &options)
+        .expect("load the preprocessor");
+    let preprocessor = nets.preprocessor(ControlType::Depth).expect("loaded");
+    assert!(
+        nets.get(ControlType::Depth).is_none(),
+        "no ControlNet configured"
+    );
+    let photo = image(&common::fixtures().join("canny/astronaut.png"));
+    let got = preprocessor.run(&photo).expect("preprocess");
+    let want = image(&dir.join("astronaut.expected.png"));
+    assert_eq!((got.width, got.height), (photo.width, photo.height));
+    let exact = got
+        .rgb
+        .iter()
+        .zip(&want.rgb)
+        .filter(|(a, b)| a == b)
+        .count();
+    let worst = got
+        .rgb
+        .iter()
+        .zip(&want.rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= 1 && exact as f64 >= 0.999 * want.rgb.len() as f64,
+        "{exact} of {} values equal, worst difference {worst}",
+        want.rgb.len()
+    );
 }

@@ -246,7 +246,9 @@ pub fn examples() -> Vec<Value> {
             "crops_coords_top_left": [0, 0],
             "target_size": [1216, 832],
             "priority": 7,
-            "metadata": { "customer": "acme", "tags": ["space", "portrait"] }
+            "metadata": { "customer": "acme", "tags": ["space", "portrait"] },
+            "controlnets": [],
+            "guess_mode": false
         }),
         json!({
             "version": 1,
