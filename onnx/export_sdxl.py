@@ -91,8 +91,9 @@ class VaeEncoderExport(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def _export(module, args, path, input_names, output_names, dynamic_axes, opset):
-    """Trace `module` to `path`, keeping weights inline unless the model is too large."""
+def _export(module, args, path, input_names, output_names, dynamic_axes, opset, external=None):
+    """Trace `module` to `path`, keeping weights inline unless the model is too large (or
+    `external` says otherwise)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         raw = os.path.join(tmp, "model.onnx")
@@ -109,16 +110,18 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, opset):
                 dynamo=False,
             )
         model = onnx.load(raw)
-        save_model(model, path)
+        save_model(model, path, external)
 
 
-def save_model(model, path):
-    """Save `model` to `path`, with weights in `model.onnx_data` beside it when large."""
+def save_model(model, path, external=None):
+    """Save `model` to `path`, with weights in `model.onnx_data` beside it when large (or
+    always with `external=True`)."""
     for stale in (path, os.path.join(os.path.dirname(path), EXTERNAL_DATA_NAME)):
         if os.path.exists(stale):
             os.remove(stale)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_THRESHOLD
+    if external is None:
+        size = sum(len(t.raw_data) for t in model.graph.initializer)
+        external = size > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
         model,
         path,
@@ -157,7 +160,7 @@ def export_text_encoder(model, out_dir, with_projection, opset):
     model.config.save_pretrained(out_dir)
 
 
-def export_unet(unet, out_dir, text_embeds_dim, opset):
+def export_unet(unet, out_dir, text_embeds_dim, opset, external=None):
     unet = unet.eval().float()
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
@@ -183,6 +186,7 @@ def export_unet(unet, out_dir, text_embeds_dim, opset):
             "out_sample": spatial,
         },
         opset,
+        external,
     )
     unet.save_config(out_dir)
 
@@ -220,8 +224,10 @@ def export_vae(vae, decoder_dir, encoder_dir, latent_size, opset):
     vae.save_config(encoder_dir)
 
 
-def export_pipeline(pipe, out_dir, opset=DEFAULT_OPSET, log=print):
-    """Write the fp32 ONNX layout of `pipe` (a StableDiffusionXLPipeline) to `out_dir`."""
+def export_pipeline(pipe, out_dir, opset=DEFAULT_OPSET, log=print, controlnet_unet=False, compact=False):
+    """Write the fp32 ONNX layout of `pipe` (a StableDiffusionXLPipeline) to `out_dir`; with
+    `controlnet_unet`, also `unet/model_controlnet.onnx` (see export_controlnet.py), sharing the
+    UNet's external weights (`compact` shortens that graph's internal names)."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.save_config(out_dir)
     log("text_encoder")
@@ -230,7 +236,13 @@ def export_pipeline(pipe, out_dir, opset=DEFAULT_OPSET, log=print):
     export_text_encoder(pipe.text_encoder_2, os.path.join(out_dir, "text_encoder_2"), True, opset)
     log("unet")
     text_embeds_dim = pipe.text_encoder_2.config.projection_dim
-    export_unet(pipe.unet, os.path.join(out_dir, "unet"), text_embeds_dim, opset)
+    unet_dir = os.path.join(out_dir, "unet")
+    export_unet(pipe.unet, unet_dir, text_embeds_dim, opset, True if controlnet_unet else None)
+    if controlnet_unet:
+        from export_controlnet import export_unet_variant
+
+        log("unet (ControlNet residual variant)")
+        export_unet_variant(pipe.unet, unet_dir, text_embeds_dim, opset, compact)
     log("vae_decoder, vae_encoder")
     size = pipe.unet.config.sample_size
     latent_size = size if isinstance(size, int) else size[0]
@@ -273,6 +285,11 @@ def parse_args(argv):
         help="compare every fp32 component with PyTorch in ONNX Runtime (CPU) after exporting",
     )
     p.add_argument(
+        "--controlnet-unet",
+        action="store_true",
+        help="also write unet/model_controlnet.onnx, the UNet taking ControlNet residuals (fp32 only)",
+    )
+    p.add_argument(
         "--fp16-vae",
         action="store_true",
         help="with --optimize, also convert the VAE to float16 (only for an fp16-safe VAE)",
@@ -297,8 +314,11 @@ def main(argv=None):
     out = os.path.abspath(args.output)
     if os.path.exists(out):
         shutil.rmtree(out)
+    if args.controlnet_unet and args.optimize:
+        print("--controlnet-unet applies to the fp32 export only", file=sys.stderr)
+        return 2
     if not args.optimize:
-        export_pipeline(pipe, out, args.opset)
+        export_pipeline(pipe, out, args.opset, controlnet_unet=args.controlnet_unet)
         if args.verify:
             from verify_export import verify_export
 

@@ -287,7 +287,7 @@ def main(argv=None):
         out = os.path.join(args.repo, TINY_DIR)
         if os.path.exists(out):
             shutil.rmtree(out)
-        export_pipeline(pipe, out)
+        export_pipeline(pipe, out, controlnet_unet=True, compact=True)
         verify_export(pipe, out)
     if "tokenizer" in parts:
         make_tokenizer_goldens(

@@ -42,6 +42,7 @@ fn metrics() -> JobMetrics {
         upload_ms: 5.0,
         total_ms: 1300.0,
         peak_gpu_mem_bytes: Some(3 << 30),
+        controlnet_ms: 0.0,
     }
 }
 

@@ -1,4 +1,5 @@
-//! The command line: `generate`, `migrate`, `worker`, `submit`, `status` and `demo`.
+//! The command line: `generate`, `migrate`, `worker`, `submit`, `status`, `demo` and
+//! `controlnets`.
 //! Each command lives in its own file; this module parses arguments, sets up logging and
 //! dispatches. Commands print results on stdout and logs on stderr.
 
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogConfig, LogFormat};
 
+pub mod controlnets;
 pub mod demo;
 pub mod generate;
 pub mod migrate;
@@ -47,6 +49,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Run one job end to end on the CPU with the bundled tiny model.
     Demo(demo::DemoArgs),
+    /// Print the ControlNet types, which have a model configured and how each is preprocessed.
+    Controlnets,
 }
 
 /// Entry point of the binary.
@@ -60,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::Submit(args) => service(file, |config| submit::run(config, args)),
         Command::Status(args) => service(file, |config| status::run(config, args)),
         Command::Demo(args) => service(file, |config| demo::run(config, args)),
+        Command::Controlnets => service(file, controlnets::run),
     };
     match result {
         Ok(code) => code,

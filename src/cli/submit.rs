@@ -66,7 +66,12 @@ pub struct SubmitArgs {
 pub async fn run(config: Config, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let message = build_message(&args)?;
     let body = serde_json::to_vec(&message)?;
-    let job = match job::parse_and_validate(&body, &config.limits, &config.models) {
+    let job = match job::parse_and_validate_with(
+        &body,
+        &config.limits,
+        &config.models,
+        &config.controlnet,
+    ) {
         Ok(job) => job,
         Err(JobRejection::Invalid { errors, .. }) => {
             for error in &errors {

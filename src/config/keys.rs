@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 
+use crate::config::controlnet::ControlNetConfig;
 use crate::config::load::Input;
 use crate::config::types::{
     BrokerConfig, DatabaseConfig, DevicesSetting, Limits, LogConfig, LogFormat, ModelsConfig,
     WorkerConfig,
 };
+use crate::engine::controlnet::ControlType;
 use crate::engine::SchedulerKind;
 
 /// One configuration key.
@@ -222,6 +224,56 @@ pub const KEYS: &[KeySpec] = &[
         "SDXL_LIMITS_SCHEDULERS",
         "schedulers jobs may use",
     ),
+    key(
+        "controlnet.canny",
+        "SDXL_CONTROLNET_CANNY",
+        "canny ControlNet export directory",
+    ),
+    key(
+        "controlnet.depth",
+        "SDXL_CONTROLNET_DEPTH",
+        "depth ControlNet export directory",
+    ),
+    key(
+        "controlnet.openpose",
+        "SDXL_CONTROLNET_OPENPOSE",
+        "OpenPose ControlNet export directory",
+    ),
+    key(
+        "controlnet.depth_preprocessor",
+        "SDXL_CONTROLNET_DEPTH_PREPROCESSOR",
+        "ONNX depth estimator directory",
+    ),
+    key(
+        "controlnet.openpose_preprocessor",
+        "SDXL_CONTROLNET_OPENPOSE_PREPROCESSOR",
+        "ONNX pose renderer directory",
+    ),
+    key(
+        "controlnet.allow_image_urls",
+        "SDXL_CONTROLNET_ALLOW_IMAGE_URLS",
+        "accept https control image URLs",
+    ),
+    key(
+        "controlnet.max_image_bytes",
+        "SDXL_CONTROLNET_MAX_IMAGE_BYTES",
+        "largest control image file",
+    ),
+    key(
+        "controlnet.max_image_pixels",
+        "SDXL_CONTROLNET_MAX_IMAGE_PIXELS",
+        "largest decoded control image",
+    ),
+    key(
+        "controlnet.max_units",
+        "SDXL_CONTROLNET_MAX_UNITS",
+        "most ControlNets per job",
+    ),
+    key(
+        "controlnet.fetch_timeout_ms",
+        "SDXL_CONTROLNET_FETCH_TIMEOUT_MS",
+        "time allowed to fetch a control image",
+    ),
     key("log.level", "SDXL_LOG_LEVEL", "tracing filter directive"),
     key("log.format", "SDXL_LOG_FORMAT", "\"text\" or \"json\""),
 ];
@@ -268,6 +320,7 @@ pub(crate) struct Settings {
     pub worker: WorkerConfig,
     pub models: ModelsConfig,
     pub limits: Limits,
+    pub controlnet: ControlNetConfig,
     pub log: LogConfig,
 }
 
@@ -318,10 +371,37 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "limits.max_message_bytes" => s.limits.max_message_bytes = v.int()?,
         "limits.max_metadata_bytes" => s.limits.max_metadata_bytes = v.int()?,
         "limits.schedulers" => s.limits.schedulers = schedulers(v)?,
+        "controlnet.canny" => set_path(&mut s.controlnet.models, ControlType::Canny, v)?,
+        "controlnet.depth" => set_path(&mut s.controlnet.models, ControlType::Depth, v)?,
+        "controlnet.openpose" => set_path(&mut s.controlnet.models, ControlType::Openpose, v)?,
+        "controlnet.depth_preprocessor" => {
+            set_path(&mut s.controlnet.preprocessors, ControlType::Depth, v)?
+        }
+        "controlnet.openpose_preprocessor" => {
+            set_path(&mut s.controlnet.preprocessors, ControlType::Openpose, v)?
+        }
+        "controlnet.allow_image_urls" => s.controlnet.allow_image_urls = v.flag()?,
+        "controlnet.max_image_bytes" => s.controlnet.max_image_bytes = v.int()?,
+        "controlnet.max_image_pixels" => s.controlnet.max_image_pixels = v.int()?,
+        "controlnet.max_units" => s.controlnet.max_units = v.int()?,
+        "controlnet.fetch_timeout_ms" => s.controlnet.fetch_timeout_ms = v.int()?,
         "log.level" => s.log.level = v.text()?,
         "log.format" => s.log.format = log_format(&v.text()?)?,
         other => return Err(format!("unknown key {other:?}")),
     }
+    Ok(())
+}
+
+/// An optional directory for one control type (an empty string removes it).
+fn set_path(
+    map: &mut std::collections::BTreeMap<ControlType, PathBuf>,
+    kind: ControlType,
+    v: &Input<'_>,
+) -> Result<(), String> {
+    match v.optional_text()? {
+        Some(path) => map.insert(kind, PathBuf::from(path)),
+        None => map.remove(&kind),
+    };
     Ok(())
 }
 

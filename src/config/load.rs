@@ -435,6 +435,7 @@ pub(crate) fn defaults_resolved() -> Config {
         worker: settings.worker,
         models: resolve_models(settings.models, None),
         limits: settings.limits,
+        controlnet: resolve_controlnet(settings.controlnet, None),
         log: settings.log,
     }
 }
@@ -459,6 +460,7 @@ fn finish(layers: Layers) -> Result<Config, ConfigError> {
         worker: s.worker,
         models: resolve_models(s.models, config_dir.as_deref()),
         limits: s.limits,
+        controlnet: resolve_controlnet(s.controlnet, layers.config_dir.as_deref()),
         log: s.log,
     })
 }
@@ -538,6 +540,39 @@ fn resolve_models(mut models: ModelsConfig, config_dir: Option<&Path>) -> Models
         }
     }
     models
+}
+
+/// Resolve relative ControlNet and preprocessor directories as model paths are resolved.
+fn resolve_controlnet(
+    mut config: crate::config::ControlNetConfig,
+    config_dir: Option<&Path>,
+) -> crate::config::ControlNetConfig {
+    let mut bases: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = config_dir {
+        bases.push(absolute(dir));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        bases.push(cwd);
+    }
+    bases.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    for path in config
+        .models
+        .values_mut()
+        .chain(config.preprocessors.values_mut())
+    {
+        if path.is_absolute() {
+            continue;
+        }
+        let candidates: Vec<PathBuf> = bases.iter().map(|b| b.join(&*path)).collect();
+        if let Some(found) = candidates
+            .iter()
+            .find(|c| c.exists())
+            .or(candidates.first())
+        {
+            *path = found.clone();
+        }
+    }
+    config
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -9,6 +9,7 @@
 //! Secrets (passwords inside URLs) never appear in [`Config::redacted`] or in `Debug` output.
 
 mod check;
+pub mod controlnet;
 mod keys;
 mod load;
 mod redact;
@@ -27,6 +28,10 @@ pub use types::{
 /// Size, step and payload limits applied to every job message (see [`crate::job`]).
 pub use types::Limits;
 
+pub use controlnet::{
+    capabilities as controlnet_capabilities, ControlNetCapability, ControlNetConfig,
+};
+
 /// Default path of the configuration file, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/sdxl-worker.toml";
 
@@ -42,6 +47,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub models: ModelsConfig,
     pub limits: Limits,
+    pub controlnet: ControlNetConfig,
     pub log: LogConfig,
 }
 

@@ -87,6 +87,8 @@ pub struct JobMetrics {
     pub total_ms: f64,
     /// Peak device memory during the job, when the device reports it.
     pub peak_gpu_mem_bytes: Option<u64>,
+    /// Part of `denoising_ms` spent in ControlNet evaluations (0 without ControlNets).
+    pub controlnet_ms: f64,
 }
 
 /// The status row of a job.

@@ -275,6 +275,7 @@ impl Engine {
             noise: &mut noise,
             timings: &mut timings,
             start,
+            control: None,
         };
         self.denoise(
             &mut state,

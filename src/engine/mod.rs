@@ -4,6 +4,9 @@
 //! This module knows nothing of RabbitMQ, Postgres or object storage: callers hand it a
 //! [`GenerateRequest`] and get back images and timings.
 
+pub mod canny;
+pub mod control_image;
+pub mod controlnet;
 mod error;
 pub mod guidance;
 pub mod img2img;
@@ -12,6 +15,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod png;
 pub mod prompt_weighting;
+pub mod preprocess;
 pub mod runtime;
 pub mod scheduler;
 pub mod session;
@@ -175,6 +179,8 @@ pub struct StageTimings {
     pub text_encoding_session_run: Duration,
     /// Time inside `Session::run` during VAE decoding.
     pub vae_decode_session_run: Duration,
+    /// Part of `denoising` spent on ControlNet evaluations and residual sums.
+    pub controlnet: Duration,
 }
 
 /// One decoded image.

@@ -189,6 +189,8 @@ pub struct Unet {
     pub text_embeds: TensorInfo,
     pub time_ids: TensorInfo,
     pub latent_channels: usize,
+    /// The ControlNet residual inputs, when the UNet loaded is `unet/model_controlnet.onnx`.
+    pub residuals: Option<super::controlnet::UnetResiduals>,
 }
 
 impl Unet {
@@ -197,7 +199,14 @@ impl Unet {
         options: &SessionOptions,
         config: Option<&Value>,
     ) -> Result<Self, EngineError> {
-        let component = Component::load(dir, options)?;
+        // The ControlNet variant computes the same as model.onnx when fed zero residuals, so
+        // only one UNet session is kept.
+        let variant = dir.join(super::controlnet::UNET_VARIANT_FILE);
+        let component = if variant.is_file() {
+            Component::load_file(&variant, options)?
+        } else {
+            Component::load(dir, options)?
+        };
         let sample = component.float_input("sample", &[4])?.clone();
         let timestep_info = component.input("timestep")?.clone();
         let timestep = match timestep_info.shape.len() {
@@ -241,6 +250,7 @@ impl Unet {
                 ));
             }
         }
+        let residuals = super::controlnet::UnetResiduals::from_unet(&component, config)?;
         Ok(Self {
             component,
             sample,
@@ -249,6 +259,7 @@ impl Unet {
             text_embeds,
             time_ids,
             latent_channels,
+            residuals,
         })
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
+use super::controlnet::{ControlRequest, ControlRun};
 use super::model::{SdxlModel, TimestepInput};
 use super::noise::{image_seed, BatchNoise};
 use super::runtime::SessionOptions;
@@ -200,6 +201,32 @@ impl Engine {
         if let Some(init) = &request.controls.img2img {
             return self.generate_img2img(request, init, progress);
         }
+        self.generate_inner(request, None, progress)
+    }
+
+    /// [`Engine::generate`] with ControlNets (see [`super::controlnet`]).
+    pub fn generate_with_control(
+        &self,
+        request: &GenerateRequest,
+        control: &ControlRequest<'_>,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<GenerateOutput, EngineError> {
+        if request.controls.img2img.is_some() {
+            return Err(EngineError::invalid(
+                "controlnets",
+                "ControlNets cannot be combined with an init image",
+            ));
+        }
+        control.validate(&self.model.unet)?;
+        self.generate_inner(request, Some(control), progress)
+    }
+
+    fn generate_inner(
+        &self,
+        request: &GenerateRequest,
+        control: Option<&ControlRequest<'_>>,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<GenerateOutput, EngineError> {
         let shape = self.validate(request)?;
         let mut scheduler = self.scheduler_for(request)?;
         let mut timings = StageTimings::default();
@@ -227,6 +254,7 @@ impl Engine {
             noise: &mut noise,
             timings: &mut timings,
             start: 0,
+            control,
         };
         self.denoise(
             &mut loop_state,
@@ -279,6 +307,13 @@ impl Engine {
         let shape = state.shape;
         let rows = shape.unet_rows();
         let constants = UnetConstants::new(&self.model, conditioning, state.request, &shape)?;
+        let control = ControlRun::new(
+            &self.model,
+            state.control,
+            conditioning,
+            state.request,
+            &shape,
+        )?;
         let timesteps = scheduler.timesteps().to_vec();
         let start = state.start;
         let total = (timesteps.len() - start.min(timesteps.len())) as u32;
@@ -301,7 +336,14 @@ impl Engine {
             let sample = tensor::float_value(unet.sample.elem, &sample_shape, &model_input)
                 .map_err(unet_err)?;
             let timestep = timestep_value(&unet.timestep, t, rows).map_err(unet_err)?;
-            let inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+            let residuals = control.step(
+                i,
+                timesteps.len(),
+                &model_input,
+                t,
+                &mut state.timings.controlnet,
+            )?;
+            let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
                 ("sample", sample.into()),
                 ("timestep", timestep.into()),
                 (
@@ -311,6 +353,7 @@ impl Engine {
                 ("text_embeds", (&constants.text_embeds).into()),
                 ("time_ids", (&constants.time_ids).into()),
             ];
+            inputs.extend(residuals);
             let result = unet.component.run(UNET, inputs, &["out_sample"])?;
             let out = result
                 .outputs
@@ -414,6 +457,8 @@ pub(super) struct DenoiseState<'a> {
     pub timings: &'a mut StageTimings,
     /// The first evaluation to run (image-to-image skips the start of the schedule).
     pub start: usize,
+    /// ControlNets of the run, if any.
+    pub control: Option<&'a ControlRequest<'a>>,
 }
 
 fn session_options(options: &EngineOptions) -> SessionOptions {
@@ -524,7 +569,7 @@ pub fn time_ids(request: &GenerateRequest) -> [f32; 6] {
 
 /// The timestep input in the form the UNet declares. Integer timesteps are truncated, as a
 /// numpy cast does for older exports.
-fn timestep_value(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
+pub(crate) fn timestep_value(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
     let (info, shape, count) = match input {
         TimestepInput::Scalar(info) => (info, vec![], 1),
         TimestepInput::PerRow(info) => {

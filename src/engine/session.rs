@@ -72,7 +72,12 @@ fn names<'a>(map: &'a BTreeMap<String, TensorInfo>) -> String {
 impl Component {
     /// Load `dir/model.onnx` (its external weights, if any, sit next to it).
     pub fn load(dir: &Path, options: &SessionOptions) -> Result<Self, EngineError> {
-        let path = dir.join("model.onnx");
+        Self::load_file(&dir.join("model.onnx"), options)
+    }
+
+    /// Load the graph at `path` (its external weights, if any, sit next to it).
+    pub fn load_file(path: &Path, options: &SessionOptions) -> Result<Self, EngineError> {
+        let path = path.to_path_buf();
         if !path.is_file() {
             return Err(EngineError::ModelFileMissing { path });
         }
@@ -90,6 +95,11 @@ impl Component {
     /// The graph file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Declared input names.
+    pub fn input_names(&self) -> impl Iterator<Item = &str> {
+        self.inputs.keys().map(String::as_str)
     }
 
     /// Declared output names.

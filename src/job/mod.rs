@@ -12,6 +12,7 @@
 //! - An absent `seed` is drawn at intake; the normalized message ([`ValidJob::message`]) records
 //!   it with every other default, so retries reproduce the same images.
 
+pub mod controlnet;
 pub mod schema;
 mod validate;
 
@@ -22,7 +23,8 @@ use crate::config::{Limits, ModelsConfig};
 use crate::engine::{GenerateRequest, GenerationControls, SchedulerKind, SchedulerOverrides};
 use crate::styles::{StyleCatalog, StyledPrompts};
 
-pub use validate::parse_and_validate;
+pub use controlnet::ControlNetSpec;
+pub use validate::{parse_and_validate, parse_and_validate_with};
 
 /// The only message version this build understands.
 pub const VERSION: u64 = 1;
@@ -56,7 +58,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 24] = [
+pub const FIELDS: [&str; 26] = [
     "version",
     "id",
     "model",
@@ -81,6 +83,8 @@ pub const FIELDS: [&str; 24] = [
     "priority",
     "cache",
     "metadata",
+    "controlnets",
+    "guess_mode",
 ];
 
 /// Fields of `scheduler_options`.
@@ -195,6 +199,13 @@ pub struct JobMessage {
     pub cache: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// ControlNets and their control images (see [`controlnet`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnets: Option<Vec<ControlNetSpec>>,
+    /// diffusers' `guess_mode`: ControlNets see only the positive prompt, residuals are scaled
+    /// from 0.1 (shallow) to 1 (deep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guess_mode: Option<bool>,
 }
 
 /// Scheduler options without the `null` entries of options that were not given.

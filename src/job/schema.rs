@@ -8,7 +8,8 @@
 //! A few rules cannot be written in JSON Schema and are checked only by the validator: the
 //! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
 //! 64 bits, a prompt of only white space, NUL characters in text (Postgres cannot store them),
-//! and scheduler names in another letter case.
+//! scheduler names in another letter case, and for `controlnets`: exactly one image source,
+//! `control_guidance_start < control_guidance_end`, and which types this deployment has.
 
 use serde_json::{json, Value};
 
@@ -143,6 +144,12 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
                     "Free JSON object stored with the job, at most {} bytes as compact JSON.",
                     limits.max_metadata_bytes
                 )
+            },
+            "controlnets": controlnets(),
+            "guess_mode": {
+                "type": ["boolean", "null"],
+                "default": false,
+                "description": "ControlNets see only the positive prompt and their residuals are scaled from 0.1 (shallow blocks) to 1 (deep), as diffusers' guess_mode."
             }
         },
         "examples": examples()
@@ -170,6 +177,37 @@ fn pair_field(min: u32, description: &str) -> Value {
         "minItems": 2,
         "maxItems": 2,
         "description": description
+    })
+}
+
+fn controlnets() -> Value {
+    use super::controlnet::{
+        DEFAULT_CONDITIONING_SCALE, MAX_CONDITIONING_SCALE, MAX_REFERENCE_CHARS,
+    };
+    let types: Vec<Value> = crate::engine::controlnet::ControlType::ALL
+        .iter()
+        .map(|t| json!(t.id()))
+        .collect();
+    json!({
+        "type": ["array", "null"],
+        "description": "ControlNets applied to this job (their residuals are summed). Each type needs a ControlNet configured by the deployment (controlnet_unavailable otherwise); at most controlnet.max_units entries.",
+        "items": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["type"],
+            "properties": {
+                "type": { "enum": types, "description": "Control type." },
+                "image_key": { "type": ["string", "null"], "minLength": 1, "maxLength": MAX_REFERENCE_CHARS, "description": "Control image (PNG or JPEG) as a key in the deployment's storage, under its prefix. Exactly one of image_key, image_url, image_base64." },
+                "image_url": { "type": ["string", "null"], "pattern": "^https://", "maxLength": MAX_REFERENCE_CHARS, "description": "Control image as an https URL; only where controlnet.allow_image_urls is set." },
+                "image_base64": { "type": ["string", "null"], "minLength": 1, "description": "Control image file inline, base64 (standard alphabet), at most controlnet.max_image_bytes once decoded." },
+                "conditioning_scale": { "type": ["number", "null"], "minimum": 0.0, "maximum": MAX_CONDITIONING_SCALE, "default": DEFAULT_CONDITIONING_SCALE, "description": "Multiplier of this ControlNet's residuals." },
+                "control_guidance_start": { "type": ["number", "null"], "minimum": 0.0, "maximum": 1.0, "default": 0.0, "description": "Fraction of the steps before which this ControlNet is off." },
+                "control_guidance_end": { "type": ["number", "null"], "minimum": 0.0, "maximum": 1.0, "default": 1.0, "description": "Fraction of the steps after which this ControlNet is off; greater than control_guidance_start." },
+                "preprocess": { "type": ["boolean", "null"], "default": false, "description": "The image is a plain photo: compute the control image (canny edges built in; depth and openpose need a configured preprocessor). false: the image is already a control image." },
+                "canny_low_threshold": { "type": ["integer", "null"], "minimum": 0, "maximum": 4080, "default": crate::engine::canny::DEFAULT_LOW, "description": "Canny hysteresis low threshold (canny with preprocess only)." },
+                "canny_high_threshold": { "type": ["integer", "null"], "minimum": 0, "maximum": 4080, "default": crate::engine::canny::DEFAULT_HIGH, "description": "Canny hysteresis high threshold (canny with preprocess only)." }
+            }
+        }
     })
 }
 
@@ -226,7 +264,9 @@ pub fn examples() -> Vec<Value> {
             "target_size": [1216, 832],
             "priority": 7,
             "cache": true,
-            "metadata": { "customer": "acme", "tags": ["space", "portrait"] }
+            "metadata": { "customer": "acme", "tags": ["space", "portrait"] },
+            "controlnets": [],
+            "guess_mode": false
         }),
         json!({
             "version": 1,

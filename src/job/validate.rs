@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{codes, FieldError, JobMessage, JobRejection, ValidJob};
-use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
+use crate::config::{ControlNetConfig, Limits, ModelsConfig, FALLBACK_SIDE};
 use crate::engine::{PredictionType, SchedulerKind, SchedulerOverrides, TimestepSpacing};
 use crate::styles::StyleCatalog;
 
@@ -16,11 +16,23 @@ use crate::styles::StyleCatalog;
 /// times `limits.max_message_bytes`; beyond that it is unreadable.
 const ID_SCAN_FACTOR: usize = 16;
 
-/// Parse and validate a job message body against the deployment's limits and models.
+/// Parse and validate a job message body against the deployment's limits and models, for a
+/// deployment without ControlNets (see [`parse_and_validate_with`]).
 pub fn parse_and_validate(
     body: &[u8],
     limits: &Limits,
     models: &ModelsConfig,
+) -> Result<ValidJob, JobRejection> {
+    parse_and_validate_with(body, limits, models, &ControlNetConfig::default())
+}
+
+/// Parse and validate a job message body against the deployment's limits, models and
+/// ControlNets.
+pub fn parse_and_validate_with(
+    body: &[u8],
+    limits: &Limits,
+    models: &ModelsConfig,
+    controlnet: &ControlNetConfig,
 ) -> Result<ValidJob, JobRejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(unreadable(codes::EMPTY_BODY, "the message body is empty"));
@@ -52,6 +64,7 @@ pub fn parse_and_validate(
     let mut check = Checker {
         obj: &obj,
         errors: Vec::new(),
+        controlnet,
     };
     if !check.version() {
         return Err(invalid(id, check.errors));
@@ -139,6 +152,7 @@ fn as_integer(value: &Value) -> Option<i128> {
 struct Checker<'a> {
     obj: &'a Map<String, Value>,
     errors: Vec<FieldError>,
+    controlnet: &'a ControlNetConfig,
 }
 
 impl<'a> Checker<'a> {
@@ -330,6 +344,17 @@ impl<'a> Checker<'a> {
         let priority = self.integer("priority", 0, super::MAX_PRIORITY.into());
         let cache = self.boolean("cache");
         let metadata = self.metadata(limits);
+        let controlnets = self
+            .get("controlnets")
+            .and_then(|v| super::controlnet::check(v, self.controlnet, &mut self.errors));
+        let guess_mode = match self.get("guess_mode") {
+            None => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.wrong_type("guess_mode", "true or false", other);
+                None
+            }
+        };
 
         let model_entry = model.as_deref().and_then(|m| models.get(m));
         let (default_w, default_h) = model_entry
@@ -390,6 +415,8 @@ impl<'a> Checker<'a> {
             priority: Some(priority),
             cache,
             metadata,
+            guess_mode: controlnets.as_ref().map(|_| guess_mode.unwrap_or(false)),
+            controlnets,
         };
         Some(ValidJob {
             id,

@@ -59,7 +59,8 @@ impl GpuConsumer {
             ..EngineOptions::default()
         };
         let cache_budget = shared.config.worker.model_cache_mb.saturating_mul(1 << 20);
-        let engine = EngineThread::spawn(options, cache_budget).map_err(|source| {
+        let controlnets = super::control::paths(&shared.config.controlnet);
+        let engine = EngineThread::spawn(options, cache_budget, controlnets).map_err(|source| {
             WorkerError::EngineThread {
                 device: device.to_string(),
                 source,

@@ -4,7 +4,8 @@
 //! never blocks on inference. Progress flows back over an unbounded channel, and a shared flag
 //! lets the async side cancel a run between steps. Loaded models stay in a
 //! [`ModelCache`](super::model_cache::ModelCache) (least recently used first out, within the
-//! consumer's memory budget, reloaded when their files change). A panic inside the engine is
+//! consumer's memory budget, reloaded when their files change); the ControlNets of one model
+//! stay loaded beside them after its first ControlNet job. A panic inside the engine is
 //! caught here, that engine is dropped (its state can no longer be trusted) and the job gets an
 //! error; the next job for the model loads a fresh engine.
 
@@ -14,11 +15,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::model_cache::ModelCache;
+use super::control::ControlJob;
+use crate::engine::controlnet::{ControlNetPaths, ControlNets};
 use crate::engine::{
     Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
 };
@@ -38,6 +41,8 @@ pub struct EngineJob {
     pub progress: tokio_mpsc::UnboundedSender<Progress>,
     /// Set by the async side to stop the run at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// ControlNets and their decoded images; `None` for plain text-to-image.
+    pub control: Option<ControlJob>,
 }
 
 struct Command {
@@ -91,13 +96,18 @@ pub struct EngineThread {
 }
 
 impl EngineThread {
-    /// Starts the thread with a model cache of `cache_budget_bytes` (0: one model at a time);
-    /// models are loaded on first use.
-    pub fn spawn(options: EngineOptions, cache_budget_bytes: u64) -> std::io::Result<EngineThread> {
+    /// Starts the thread with a model cache of `cache_budget_bytes` (0: one model at a time) and
+    /// the deployment's ControlNets. Models are loaded on first use, ControlNets with the first
+    /// job of a model that uses one.
+    pub fn spawn(
+        options: EngineOptions,
+        cache_budget_bytes: u64,
+        controlnets: ControlNetPaths,
+    ) -> std::io::Result<EngineThread> {
         let (sender, receiver) = mpsc::channel::<Command>();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", options.device))
-            .spawn(move || engine_loop(options, cache_budget_bytes, receiver))?;
+            .spawn(move || engine_loop(options, cache_budget_bytes, controlnets, receiver))?;
         Ok(EngineThread {
             sender: Some(sender),
             thread: Some(thread),
@@ -128,34 +138,76 @@ impl EngineThread {
     }
 }
 
-fn engine_loop(options: EngineOptions, budget: u64, receiver: mpsc::Receiver<Command>) {
+/// ControlNets loaded for one model (they are checked against its UNet when they load).
+struct LoadedControlNets {
+    model: String,
+    path: PathBuf,
+    nets: ControlNets,
+}
+
+impl LoadedControlNets {
+    fn belong_to(&self, model: &ModelRef) -> bool {
+        self.model == model.name && self.path == model.path
+    }
+}
+
+fn engine_loop(
+    options: EngineOptions,
+    budget: u64,
+    controlnet_paths: ControlNetPaths,
+    receiver: mpsc::Receiver<Command>,
+) {
     let mut cache = ModelCache::new(budget);
+    let mut controlnets: Option<LoadedControlNets> = None;
     while let Ok(Command { job, reply }) = receiver.recv() {
         let EngineJob {
             model,
             request,
             progress,
             cancel,
+            control,
         } = job;
         if cancel.load(Ordering::Relaxed) {
             let _ = reply.send(Err(EngineFailure::Cancelled));
             continue;
         }
-        let result = run_one(&options, &mut cache, &model, &request, &progress, &cancel);
+        let target = Target {
+            model: &model,
+            request: &request,
+            control: control.as_ref(),
+            controlnet_paths: &controlnet_paths,
+        };
+        let result = run_one(
+            &options,
+            &mut cache,
+            &mut controlnets,
+            &target,
+            &progress,
+            &cancel,
+        );
         // The receiver may be gone (shutdown); nothing else to do with the result then.
         let _ = reply.send(result);
     }
 }
 
+/// What one command asks the engine thread to run.
+struct Target<'a> {
+    model: &'a ModelRef,
+    request: &'a GenerateRequest,
+    control: Option<&'a ControlJob>,
+    controlnet_paths: &'a ControlNetPaths,
+}
+
 fn run_one(
     options: &EngineOptions,
     cache: &mut ModelCache,
-    model: &ModelRef,
-    request: &GenerateRequest,
+    controlnets: &mut Option<LoadedControlNets>,
+    target: &Target<'_>,
     progress: &tokio_mpsc::UnboundedSender<Progress>,
     cancel: &AtomicBool,
 ) -> Result<EngineRun, EngineFailure> {
-    let model_load = catch_unwind(AssertUnwindSafe(|| {
+    let (model, request) = (target.model, target.request);
+    let mut model_load = catch_unwind(AssertUnwindSafe(|| {
         cache.ensure_loaded(&model.name, &model.path, |path| Engine::load(path, options))
     }))
     .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
@@ -163,6 +215,10 @@ fn run_one(
         model: failure.model,
         source: failure.source,
     })?;
+    if model_load.is_some() {
+        // The model was (re)loaded: ControlNets checked against its earlier files are stale.
+        controlnets.take_if(|loaded| loaded.belong_to(model));
+    }
     let Some(engine) = cache.current() else {
         return Err(EngineFailure::ThreadGone);
     };
@@ -174,8 +230,37 @@ fn run_one(
             ControlFlow::Continue(())
         }
     };
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        engine.generate(request, &mut on_progress)
+    let ready = controlnets
+        .as_ref()
+        .is_some_and(|loaded| loaded.belong_to(model));
+    if target.control.is_some() && !ready {
+        // One set of ControlNets at a time: free the other model's before loading.
+        *controlnets = None;
+        let started = Instant::now();
+        let nets = catch_unwind(AssertUnwindSafe(|| {
+            ControlNets::load(target.controlnet_paths, engine.model(), options)
+        }))
+        .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+        .map_err(|source| EngineFailure::Load {
+            model: format!("{} (ControlNets)", model.name),
+            source,
+        })?;
+        *controlnets = Some(LoadedControlNets {
+            model: model.name.clone(),
+            path: model.path.clone(),
+            nets,
+        });
+        *model_load.get_or_insert(Duration::ZERO) += started.elapsed();
+    }
+    let nets = controlnets.as_ref().map(|loaded| &loaded.nets);
+    let outcome = catch_unwind(AssertUnwindSafe(|| match target.control {
+        None => engine.generate(request, &mut on_progress),
+        Some(job) => {
+            let nets =
+                nets.ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
+            let control = super::control::engine_request(job, nets)?;
+            engine.generate_with_control(request, &control, &mut on_progress)
+        }
     }));
     match outcome {
         Ok(Ok(output)) => Ok(EngineRun { output, model_load }),
@@ -183,6 +268,7 @@ fn run_one(
         Ok(Err(err)) => Err(EngineFailure::Generate(err)),
         Err(panic) => {
             cache.remove(&model.name, &model.path);
+            *controlnets = None;
             Err(EngineFailure::Panicked(panic_message(panic.as_ref())))
         }
     }
@@ -235,6 +321,7 @@ mod tests {
             request: request(),
             progress: tokio_mpsc::unbounded_channel().0,
             cancel: Arc::new(AtomicBool::new(cancel)),
+            control: None,
         }
     }
 
@@ -244,7 +331,7 @@ mod tests {
             device: Device::Cpu,
             ..EngineOptions::default()
         };
-        let thread = EngineThread::spawn(options, 0).unwrap();
+        let thread = EngineThread::spawn(options, 0, ControlNetPaths::default()).unwrap();
         for _ in 0..2 {
             let failure = thread
                 .run(job("/nonexistent/model", false))
@@ -259,7 +346,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_cancelled_before_it_starts_is_not_run() {
-        let thread = EngineThread::spawn(EngineOptions::default(), 0).unwrap();
+        let thread =
+            EngineThread::spawn(EngineOptions::default(), 0, ControlNetPaths::default()).unwrap();
         let failure = thread
             .run(job("/nonexistent/model", true))
             .await
@@ -318,7 +406,7 @@ mod tests {
         ];
 
         // Room for both: each is loaded once.
-        let thread = EngineThread::spawn(options(), 1 << 30).unwrap();
+        let thread = EngineThread::spawn(options(), 1 << 30, ControlNetPaths::default()).unwrap();
         let mut loads = Vec::new();
         let mut images = Vec::new();
         for (name, path) in &plan {
@@ -332,7 +420,7 @@ mod tests {
         thread.shutdown().await;
 
         // A budget of one model: every switch loads again.
-        let thread = EngineThread::spawn(options(), 0).unwrap();
+        let thread = EngineThread::spawn(options(), 0, ControlNetPaths::default()).unwrap();
         let mut loads = Vec::new();
         for (name, path) in &plan {
             let run = thread.run(model_job(name, path)).await.expect("runs");
@@ -347,7 +435,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny");
         copy_dir(&tiny_model(), &model);
-        let thread = EngineThread::spawn(options(), 1 << 30).unwrap();
+        let thread = EngineThread::spawn(options(), 1 << 30, ControlNetPaths::default()).unwrap();
         let first = thread.run(model_job("m", &model)).await.expect("runs");
         let again = thread.run(model_job("m", &model)).await.expect("runs");
         assert!(first.model_load.is_some());

@@ -59,10 +59,11 @@ enum Outcome {
 }
 
 async fn handle(shared: &Shared, message: Incoming) {
-    let outcome = match job::parse_and_validate(
+    let outcome = match job::parse_and_validate_with(
         &message.body,
         &shared.config.limits,
         &shared.config.models,
+        &shared.config.controlnet,
     ) {
         Ok(valid) => accept(shared, &message, &valid).await,
         Err(JobRejection::Invalid { id, errors }) => {

@@ -12,6 +12,7 @@
 //! Every message is acknowledged only after the rows and objects it stands for are written.
 
 mod consumer;
+mod control;
 mod devices;
 mod engine_thread;
 mod heartbeat;

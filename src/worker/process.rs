@@ -20,6 +20,7 @@ use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
+use super::control;
 use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
 use super::result_cache;
 use super::run::{self, RunOutcome, StopReason};
@@ -39,10 +40,11 @@ pub(crate) async fn handle(ctx: &ConsumerContext, message: Incoming) {
 
 async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     let shared = &ctx.shared;
-    let job = match job::parse_and_validate(
+    let job = match job::parse_and_validate_with(
         &message.body,
         &shared.config.limits,
         &shared.config.models,
+        &shared.config.controlnet,
     ) {
         Ok(job) => job,
         Err(JobRejection::Invalid { id, errors }) => return reject(ctx, id, &errors).await,
@@ -137,7 +139,29 @@ async fn execute(
         name: model.name.clone(),
         path: model.path.clone(),
     };
-    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone()).await;
+    let control = match job.message.controlnets.as_deref() {
+        Some(specs) if !specs.is_empty() => {
+            match control::load_inputs(specs, &shared.storage, &shared.config.controlnet).await {
+                Ok(inputs) => Some(control::ControlJob {
+                    inputs,
+                    guess_mode: job.message.guess_mode.unwrap_or(false),
+                }),
+                Err(err) if err.retryable => {
+                    let error = WorkerError::Engine {
+                        code: err.code,
+                        message: err.to_string(),
+                    };
+                    return Disposition::retry(id, Some(attempt), error);
+                }
+                Err(err) => {
+                    let errors = [FieldError::new(err.field(), err.code, err.to_string())];
+                    return fail_invalid(ctx, id, Some(attempt), &errors).await;
+                }
+            }
+        }
+        _ => None,
+    };
+    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone(), control).await;
     drop(engine_slot);
     let RunOutcome {
         result,
@@ -288,6 +312,7 @@ async fn store(
         denoising_ms: ms(timings.denoising),
         step_ms: timings.per_step.iter().copied().map(ms).collect(),
         session_run_ms: ms(timings.denoising_session_run),
+        controlnet_ms: ms(timings.controlnet),
         vae_ms: ms(timings.vae_decode),
         png_ms: ms(png_time),
         upload_ms: ms(upload_time),

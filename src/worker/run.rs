@@ -107,6 +107,7 @@ pub(crate) async fn run_engine(
     attempt: i32,
     model: ModelRef,
     request: GenerateRequest,
+    control: Option<super::control::ControlJob>,
 ) -> RunOutcome {
     let worker = &ctx.shared.config.worker;
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
@@ -131,6 +132,7 @@ pub(crate) async fn run_engine(
         request,
         progress: progress_tx,
         cancel,
+        control,
     };
     let run = ctx.engine.run(job);
     tokio::pin!(run);

@@ -103,6 +103,11 @@ pub fn model_copy(copy: &[&str]) -> tempfile::TempDir {
             std::fs::create_dir(&dest).expect("mkdir");
             for f in std::fs::read_dir(entry.path()).expect("read component") {
                 let f = f.expect("file");
+                // A copied UNet is a plain export: without the ControlNet variant, which the
+                // engine would load instead, edits of unet/model.onnx take effect.
+                if f.file_name() == "model_controlnet.onnx" {
+                    continue;
+                }
                 std::fs::copy(f.path(), dest.join(f.file_name())).expect("copy");
             }
         } else {
