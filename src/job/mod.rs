@@ -11,6 +11,9 @@
 //! - A message without a readable id cannot get a status row; it is [`JobRejection::Unreadable`].
 //! - An absent `seed` is drawn at intake; the normalized message ([`ValidJob::message`]) records
 //!   it with every other default, so retries reproduce the same images.
+//! - `controlnets` entries are checked against the deployment's ControlNets
+//!   ([`parse_and_validate_with`]; see [`controlnet`]); [`parse_and_validate`] is for a
+//!   deployment without any.
 
 pub mod controlnet;
 pub mod schema;

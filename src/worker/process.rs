@@ -3,7 +3,10 @@
 //! 1. parse the message again (this worker's models and limits decide what it can run);
 //! 2. `start_attempt`: a terminal row means a duplicate delivery (ack and skip); the attempt
 //!    number fences out any older attempt;
-//! 3. inference on the engine thread, with progress written to the row (see [`super::run`]);
+//! 3. for ControlNet jobs, fetching and decoding the control images (see [`super::control`]:
+//!    an unusable image fails the job with its field, storage or network trouble retries it);
+//!    then inference on the engine thread, with progress written to the row (see
+//!    [`super::run`]);
 //! 4. PNG encoding (blocking pool), upload of every image;
 //! 5. `succeed` (images and metrics in one transaction), then ack.
 //!
