@@ -1,5 +1,6 @@
-//! SDXL inference on ONNX Runtime: model loading, tokenization, text encoding, schedulers,
-//! the denoising loop, VAE decoding and PNG encoding.
+//! SDXL inference on ONNX Runtime: model loading, tokenization, text encoding (plain, or with
+//! A1111 prompt weighting and long prompts in [`prompt_weighting`]), schedulers, the denoising
+//! loop, image-to-image ([`img2img`]), VAE decoding and PNG encoding.
 //!
 //! This module knows nothing of RabbitMQ, Postgres or object storage: callers hand it a
 //! [`GenerateRequest`] and get back images and timings.

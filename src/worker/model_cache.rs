@@ -16,7 +16,41 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::config::ModelsConfig;
 use crate::engine::{Engine, EngineError};
+
+/// A configured model as a capabilities listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Jobs that name no model get this one.
+    pub default: bool,
+    pub default_width: u32,
+    pub default_height: u32,
+    /// `model_index.json` is present in the model's directory.
+    pub available: bool,
+    /// Estimated memory of the loaded model: the bytes of its graphs and weights.
+    pub estimated_bytes: u64,
+}
+
+/// Every configured model, in configuration order, for a capabilities listing.
+pub fn list_models(models: &ModelsConfig) -> Vec<ModelInfo> {
+    models
+        .models
+        .iter()
+        .map(|m| {
+            let (default_width, default_height) = m.default_size();
+            ModelInfo {
+                name: m.name.clone(),
+                default: m.name == models.default,
+                default_width,
+                default_height,
+                available: m.path.join("model_index.json").is_file(),
+                estimated_bytes: Fingerprint::of(&m.path).weight_bytes(),
+            }
+        })
+        .collect()
+}
 
 /// The files of a model directory: relative path → (length, modification time).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -208,6 +242,25 @@ mod tests {
         assert_eq!(a, Fingerprint::of(dir.path()));
         std::fs::write(dir.path().join("unet/model.onnx"), vec![1u8; 101]).unwrap();
         assert_ne!(a, Fingerprint::of(dir.path()));
+    }
+
+    #[test]
+    fn configured_models_are_listed_with_their_size() {
+        let mut models = ModelsConfig::default();
+        models.models[0].path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+        let mut missing = models.models[0].clone();
+        missing.name = "gone".to_owned();
+        missing.path = PathBuf::from("/nonexistent/model");
+        models.models.push(missing);
+        let list = list_models(&models);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].name, "tiny-sdxl");
+        assert!(list[0].default && list[0].available);
+        // The tiny pipeline's graphs weigh some megabytes.
+        assert!(list[0].estimated_bytes > 1_000_000, "{:?}", list[0]);
+        assert!(!list[1].default && !list[1].available);
+        assert_eq!(list[1].estimated_bytes, 0);
     }
 
     #[test]
