@@ -136,7 +136,7 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
             "priority": int_field(0, u32::from(MAX_PRIORITY), u32::from(DEFAULT_PRIORITY), "0 (lowest) to 9; 5 and above take the high-priority queue."),
             "cache": {
                 "type": ["boolean", "null"],
-                "description": "Reuse the stored images of an earlier identical request (same model files, every parameter and the seed) instead of running again; absent means the deployment's worker.result_cache setting."
+                "description": "Reuse the stored images of an earlier identical request (same model files, every parameter and the seed) instead of running again; absent means the deployment's worker.result_cache setting. Jobs with ControlNets never use the cache."
             },
             "metadata": {
                 "type": ["object", "null"],

@@ -13,14 +13,14 @@ use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
-use super::model_cache::ModelCache;
 use super::control::ControlJob;
+use super::model_cache::ModelCache;
 use crate::engine::controlnet::{ControlNetPaths, ControlNets};
 use crate::engine::{
     Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
@@ -93,6 +93,8 @@ impl EngineFailure {
 pub struct EngineThread {
     sender: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+    /// Names of the models in the thread's cache, updated after every job.
+    loaded: Arc<Mutex<Vec<String>>>,
 }
 
 impl EngineThread {
@@ -105,13 +107,26 @@ impl EngineThread {
         controlnets: ControlNetPaths,
     ) -> std::io::Result<EngineThread> {
         let (sender, receiver) = mpsc::channel::<Command>();
+        let loaded = Arc::new(Mutex::new(Vec::new()));
+        let report = loaded.clone();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", options.device))
-            .spawn(move || engine_loop(options, cache_budget_bytes, controlnets, receiver))?;
+            .spawn(move || {
+                engine_loop(options, cache_budget_bytes, controlnets, receiver, &report)
+            })?;
         Ok(EngineThread {
             sender: Some(sender),
             thread: Some(thread),
+            loaded,
         })
+    }
+
+    /// Names of the models loaded on this thread (least recently used first), as of its last job.
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Runs one job and waits for its result without blocking the async runtime.
@@ -156,6 +171,7 @@ fn engine_loop(
     budget: u64,
     controlnet_paths: ControlNetPaths,
     receiver: mpsc::Receiver<Command>,
+    loaded: &Mutex<Vec<String>>,
 ) {
     let mut cache = ModelCache::new(budget);
     let mut controlnets: Option<LoadedControlNets> = None;
@@ -185,6 +201,8 @@ fn engine_loop(
             &progress,
             &cancel,
         );
+        *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
+            cache.loaded().into_iter().map(str::to_owned).collect();
         // The receiver may be gone (shutdown); nothing else to do with the result then.
         let _ = reply.send(result);
     }
@@ -256,8 +274,8 @@ fn run_one(
     let outcome = catch_unwind(AssertUnwindSafe(|| match target.control {
         None => engine.generate(request, &mut on_progress),
         Some(job) => {
-            let nets =
-                nets.ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
+            let nets = nets
+                .ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
             let control = super::control::engine_request(job, nets)?;
             engine.generate_with_control(request, &control, &mut on_progress)
         }
@@ -383,6 +401,7 @@ mod tests {
             request: request(),
             progress: tokio_mpsc::unbounded_channel().0,
             cancel: Arc::new(AtomicBool::new(false)),
+            control: None,
         }
     }
 

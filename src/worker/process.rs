@@ -256,6 +256,7 @@ async fn serve_cached(
         upload_ms: ms(copy_started.elapsed()),
         total_ms: ms(started.began.elapsed()),
         peak_gpu_mem_bytes: None,
+        controlnet_ms: 0.0,
     };
     let recorded = async {
         db.set_cache_key(id, attempt, key).await?;

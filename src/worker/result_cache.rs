@@ -8,6 +8,9 @@
 //! version. The seed is part of the request, so only a job with a recorded seed can hit. The
 //! copied PNGs are byte for byte those of the earlier job, whose `parameters` text is the same
 //! for the same request.
+//!
+//! Jobs with ControlNets never use the cache: their control images (behind storage keys or
+//! URLs) and the ControlNet files can change without changing the request.
 
 use std::path::Path;
 
@@ -22,7 +25,12 @@ use crate::storage::StorageError;
 
 /// Whether this job uses the result cache.
 pub fn enabled(job: &ValidJob, deployment_default: bool) -> bool {
-    job.message.cache.unwrap_or(deployment_default)
+    let controlled = job
+        .message
+        .controlnets
+        .as_ref()
+        .is_some_and(|nets| !nets.is_empty());
+    !controlled && job.message.cache.unwrap_or(deployment_default)
 }
 
 /// The cache key of a job run with the model at `model_path`.

@@ -126,7 +126,6 @@ pub(crate) async fn run_engine(
     tracker.sample_memory();
     let status = &ctx.shared.status;
     status.set_job(&ctx.device, Some(id));
-    let model_name = model.name.clone();
     let job = EngineJob {
         model,
         request,
@@ -161,12 +160,7 @@ pub(crate) async fn run_engine(
     }
     tracker.sample_memory();
     status.set_job(&ctx.device, None);
-    match &result {
-        Ok(_) => status.set_models(&ctx.device, vec![model_name]),
-        // The engine thread dropped its model before trying to load the new one.
-        Err(EngineFailure::Load { .. }) => status.set_models(&ctx.device, Vec::new()),
-        Err(_) => {}
-    }
+    status.set_models(&ctx.device, ctx.engine.loaded_models());
     RunOutcome {
         result,
         stop: tracker.stop,
