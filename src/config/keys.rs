@@ -151,6 +151,16 @@ pub const KEYS: &[KeySpec] = &[
         "time between heartbeats",
     ),
     key(
+        "worker.lease_ms",
+        "SDXL_WORKER_LEASE_MS",
+        "heartbeat age after which a worker's running jobs are recovered",
+    ),
+    key(
+        "worker.lease_sweep_interval_ms",
+        "SDXL_WORKER_LEASE_SWEEP_INTERVAL_MS",
+        "time between sweeps for jobs of lost workers",
+    ),
+    key(
         "models.default",
         "SDXL_MODELS_DEFAULT",
         "model of jobs that name none",
@@ -292,6 +302,8 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.job_timeout_ms" => s.worker.job_timeout_ms = v.int()?,
         "worker.shutdown_grace_ms" => s.worker.shutdown_grace_ms = v.int()?,
         "worker.heartbeat_interval_ms" => s.worker.heartbeat_interval_ms = v.int()?,
+        "worker.lease_ms" => s.worker.lease_ms = v.int()?,
+        "worker.lease_sweep_interval_ms" => s.worker.lease_sweep_interval_ms = v.int()?,
         "models.default" => s.models.default = v.text()?,
         "models.available" => s.models.models = v.models()?,
         "limits.min_side" => s.limits.min_side = v.int()?,

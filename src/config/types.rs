@@ -220,6 +220,11 @@ pub struct WorkerConfig {
     pub shutdown_grace_ms: u64,
     /// Time between two heartbeats (the worker's row in the `workers` table).
     pub heartbeat_interval_ms: u64,
+    /// A `running` job whose worker has not written a heartbeat for this long (or stopped)
+    /// is recovered: queued again, or failed with `worker_lost` after its last attempt.
+    pub lease_ms: u64,
+    /// Time between two sweeps for such jobs (every worker sweeps; one at a time does).
+    pub lease_sweep_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -234,6 +239,8 @@ impl Default for WorkerConfig {
             job_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 5_000,
+            lease_ms: 60_000,
+            lease_sweep_interval_ms: 15_000,
         }
     }
 }

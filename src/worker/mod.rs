@@ -8,14 +8,17 @@
 //! - [`consumer`]: one per device; pulls work (high before normal), keeps at most
 //!   `worker.prefetch` jobs in flight and hands inference to an [`engine_thread`].
 //! - [`process`]: what happens to one job: attempt, progress, images, result, acknowledgement.
+//! - [`lease`]: recovers `running` jobs whose worker stopped writing its heartbeat.
 //!
 //! Every message is acknowledged only after the rows and objects it stands for are written.
 
 mod consumer;
 mod devices;
 mod engine_thread;
+mod fault;
 mod heartbeat;
 mod intake;
+mod lease;
 mod process;
 mod run;
 mod settle;
@@ -34,6 +37,8 @@ use crate::engine::Device;
 use crate::storage::{Storage, StorageError};
 
 pub use devices::auto_devices;
+pub use fault::ABORT_ON_PROMPT_ENV;
+pub use lease::{sweep_lost_jobs, SweepReport, WORKER_LOST_CODE};
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +272,7 @@ async fn run_connected(
         worker_id = %shared.worker_id,
         prefix = %shared.broker.topology().prefix,
         intake = options.intake,
-        consumers = tasks.len() - usize::from(options.intake),
+        consumers = tasks.len() - usize::from(options.intake) - 1,
         "worker started"
     );
 
@@ -313,6 +318,7 @@ async fn start_tasks(
             .await?;
         tasks.spawn(intake::run(shared.clone(), stream, stop.clone()));
     }
+    tasks.spawn(lease::run(shared.clone(), stop.clone()));
     if options.consumers {
         let nvml = devices::nvml();
         let devices: Vec<Device> = match &shared.config.worker.devices {

@@ -89,6 +89,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
             },
         };
     }
+    super::fault::after_start(&job.message.prompt);
     let queue_wait = (Utc::now() - queued_at).to_std().unwrap_or_default();
     tracing::info!(job_id = %id, attempt, device = %ctx.device, "job started");
     let started = Started {
@@ -249,14 +250,18 @@ async fn start(
     let worker_id = &ctx.shared.worker_id;
     // Only a redelivered message may take over a running attempt (its worker is gone); a
     // second copy of a job that is running elsewhere is a duplicate.
+    // A redelivery of a job whose worker is alive (after a broker restart or a consumer
+    // timeout) leaves it in that worker's hands; the lease sweep recovers it if that worker
+    // dies.
+    let lease = Some(Duration::from_millis(ctx.shared.config.worker.lease_ms));
     let mut outcome = db
-        .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+        .start_attempt_leased(job.id, worker_id, &ctx.device, redelivered, lease)
         .await?;
     if outcome == StartOutcome::NotFound {
         // Published straight to a work queue, past the intake: record it now.
         db.insert_queued(job).await?;
         outcome = db
-            .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+            .start_attempt_leased(job.id, worker_id, &ctx.device, redelivered, lease)
             .await?;
     }
     match outcome {
