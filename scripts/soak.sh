@@ -70,6 +70,7 @@ amqp_url="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
 worker_pids=("" "")
 cleanup() {
   for pid in "${worker_pids[@]}"; do [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true; done
+  rmqctl stop >/dev/null 2>&1 || true
   kill -TERM "$rmq_pid" 2>/dev/null || true; wait "$rmq_pid" 2>/dev/null || true
   pg_stop immediate 2>/dev/null || true
   rm -rf "$work"

@@ -7,7 +7,8 @@
 //! - a job running longer than the broker's consumer timeout, with two workers;
 //! - an S3 outage mid-job (a fault proxy in front of moto), then recovery;
 //! - the worker process killed with SIGKILL mid-denoising, and stopped with SIGTERM mid-job;
-//! - a poison job that aborts its worker every time.
+//! - a poison job that aborts its worker every time;
+//! - a job running past its timeout (derived from its cost estimate).
 
 mod queue_harness;
 mod support;
@@ -241,6 +242,31 @@ async fn an_s3_outage_mid_job_is_retried_and_no_job_succeeds_without_its_objects
 
     let rows = check_outcome(&stack, &stack.broker, &[id], JobState::Succeeded).await;
     assert!(rows[0].attempt >= 2);
+    worker.stop().await.unwrap();
+    stack.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_past_its_cost_estimated_timeout_fails_with_code_timeout() {
+    let stack = Stack::new("fault-job-timeout", StorageKind::Local).await;
+    let mut config = stack.config.clone();
+    config.worker.job_timeout_min_ms = 2_000;
+    config.worker.job_timeout_per_megapixel_step_ms = 100;
+    let worker = stack.start_worker_with(config, RunOptions::default());
+    let quick = Uuid::new_v4();
+    let slow = Uuid::new_v4();
+    stack.publish(&small_job(quick)).await;
+    // 128 x 128 x 150 steps = 2.46 megapixel-steps: a timeout of 2,245 ms, far less than the
+    // job needs here.
+    stack.publish(&job_of(slow, 150)).await;
+
+    check_outcome(&stack, &stack.broker, &[quick], JobState::Succeeded).await;
+    let rows = check_outcome(&stack, &stack.broker, &[slow], JobState::Failed).await;
+    assert_eq!(rows[0].error_code.as_deref(), Some("timeout"));
+    let message = rows[0].error_message.as_deref().unwrap();
+    assert!(message.contains("2245 ms"), "{message}");
+    assert_eq!(rows[0].attempt, 1, "a timeout is not retried");
+    assert!(rows[0].images.is_empty());
     worker.stop().await.unwrap();
     stack.teardown().await;
 }

@@ -214,8 +214,14 @@ pub struct WorkerConfig {
     pub progress_interval_ms: u64,
     /// Pause between polls of the work queues when both are empty.
     pub poll_interval_ms: u64,
-    /// Longest a single job may run before it is failed with `timeout`.
+    /// Longest a single job may run before it is failed with `timeout`: the upper bound of
+    /// every job's timeout.
     pub job_timeout_ms: u64,
+    /// Least timeout of a job whose timeout comes from its cost estimate.
+    pub job_timeout_min_ms: u64,
+    /// Time allowed per megapixel-step of a job (width x height x steps x images / 10^6) on top
+    /// of `job_timeout_min_ms`; 0 gives every job `job_timeout_ms`.
+    pub job_timeout_per_megapixel_step_ms: u64,
     /// On shutdown, how long running jobs may take to finish before they are returned.
     pub shutdown_grace_ms: u64,
     /// Time between two heartbeats (the worker's row in the `workers` table).
@@ -237,6 +243,8 @@ impl Default for WorkerConfig {
             progress_interval_ms: 500,
             poll_interval_ms: 200,
             job_timeout_ms: 600_000,
+            job_timeout_min_ms: 120_000,
+            job_timeout_per_megapixel_step_ms: 2_000,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 5_000,
             lease_ms: 60_000,

@@ -288,7 +288,16 @@ async fn run_connected(
     let _ = stop_tx.send(true);
     let drained = drain(&mut tasks).await;
     match failure {
-        None => ConnectionEnd::Shutdown(drained.map_or(Ok(()), Err)),
+        // A broker connection or channel lost while stopping fails nothing: every delivery
+        // not acknowledged goes back to its queue.
+        None => ConnectionEnd::Shutdown(match drained {
+            Some(error) if reconnects_after(&error) => {
+                tracing::warn!(error = %error, code = error.code(), "the broker connection was lost while stopping");
+                Ok(())
+            }
+            Some(error) => Err(error),
+            None => Ok(()),
+        }),
         Some(error) => {
             tracing::error!(error = %error, code = error.code(), "a worker task stopped; stopping the others");
             ConnectionEnd::Failed {

@@ -130,7 +130,8 @@ async fn execute(
         name: model.name.clone(),
         path: model.path.clone(),
     };
-    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone()).await;
+    let timeout = run::job_timeout(&shared.config.worker, &request);
+    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone(), timeout).await;
     drop(engine_slot);
     let RunOutcome {
         result,
@@ -138,7 +139,7 @@ async fn execute(
         peak_gpu_mem_bytes,
     } = outcome;
     match (result, stop) {
-        (_, Some(reason)) => stopped(ctx, id, attempt, reason).await,
+        (_, Some(reason)) => stopped(ctx, id, attempt, reason, timeout).await,
         (Ok(run), None) => {
             let output = Output {
                 request,
@@ -152,7 +153,13 @@ async fn execute(
 }
 
 /// A run that was asked to stop before it finished.
-async fn stopped(ctx: &ConsumerContext, id: Uuid, attempt: i32, reason: StopReason) -> Disposition {
+async fn stopped(
+    ctx: &ConsumerContext,
+    id: Uuid,
+    attempt: i32,
+    reason: StopReason,
+    timeout: Duration,
+) -> Disposition {
     let shared = &ctx.shared;
     match reason {
         StopReason::Lost => {
@@ -167,8 +174,11 @@ async fn stopped(ctx: &ConsumerContext, id: Uuid, attempt: i32, reason: StopReas
             Err(err) => Disposition::retry(id, Some(attempt), err),
         },
         StopReason::Timeout => {
-            let timeout = shared.config.worker.job_timeout_ms;
-            let text = format!("the job ran longer than {timeout} ms");
+            let text = format!(
+                "the job ran longer than its timeout of {} ms (from its cost estimate, at most \
+                 worker.job_timeout_ms)",
+                timeout.as_millis()
+            );
             fail(ctx, id, attempt, "timeout", &text, None).await
         }
         StopReason::Shutdown => Disposition::retry(id, Some(attempt), WorkerError::ShuttingDown),
