@@ -88,6 +88,8 @@ async fn check_outcome(
         topology.work_queue(Lane::High),
         topology.work_queue(Lane::Normal),
     ] {
+        // A copy whose ack was lost with a connection may still wait to be skipped.
+        wait_drained(&stack.config.broker.url, &queue).await;
         assert!(
             broker.get(&queue).await.unwrap().is_none(),
             "{queue} is empty"
@@ -101,6 +103,32 @@ async fn check_outcome(
         dead.ack().await.unwrap();
     }
     rows
+}
+
+/// Waits (up to a minute) until `queue` has no message ready for delivery.
+async fn wait_drained(url: &str, queue: &str) {
+    use lapin::options::QueueDeclareOptions;
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to the broker");
+    let channel = connection.create_channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let declared = channel
+            .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+            .await
+            .unwrap();
+        if declared.message_count() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{queue} still holds messages");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = connection.close(200, "done".into()).await;
 }
 
 async fn connect(url: &str, stack: &Stack) -> Broker {
@@ -163,6 +191,19 @@ async fn a_postgres_restart_mid_job_loses_and_duplicates_nothing() {
     stack.teardown().await;
 }
 
+/// The broker's client connections once there are `count` of them.
+async fn wait_connections(rabbit: &PrivateRabbit, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let connections = rabbit.connections();
+        if connections.len() >= count {
+            return connections;
+        }
+        assert!(Instant::now() < deadline, "{connections:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_past_the_consumer_timeout_is_neither_lost_nor_run_twice() {
     // The broker takes back any delivery unacknowledged for 2 s: it closes the channel and
@@ -184,8 +225,12 @@ async fn a_job_running_past_the_consumer_timeout_is_neither_lost_nor_run_twice()
     let running = wait_denoising(&stack, id).await;
     config.worker.id = Some(format!("{}-second", stack.config.broker.prefix));
     let second = stack.start_worker_with(config, RunOptions::default());
+    let connections = wait_connections(&rabbit, 3).await;
 
     let rows = check_outcome(&stack, &stack.broker, &[id], JobState::Succeeded).await;
+    // The owner reopened the channel the broker closed; no worker reconnected.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rabbit.connections(), connections);
     assert_eq!(rows[0].attempt, 1, "the job ran once");
     assert_eq!(rows[0].worker_id, running.worker_id);
     let started = rows[0].started_at.unwrap();

@@ -233,6 +233,11 @@ impl Broker {
         basic_get(&channel, queue).await
     }
 
+    /// Whether the connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
     /// Closes the connection; unacknowledged deliveries go back to their queues.
     pub async fn close(&self) {
         if let Err(err) = self.connection.close(200, "shutting down".into()).await {

@@ -226,6 +226,27 @@ impl PrivateRabbit {
         run(&mut command, &format!("rabbitmqctl {}", args.join(" ")));
     }
 
+    /// Name and opening time of every client connection (`rabbitmqctl list_connections`).
+    pub fn connections(&self) -> Vec<String> {
+        let mut command = Command::new(rabbit_bin("rabbitmqctl"));
+        set_env(&mut command, self.dir.path(), &self.node);
+        command.arg("-n").arg(&self.node).args([
+            "list_connections",
+            "name",
+            "connected_at",
+            "-q",
+            "--no-table-headers",
+        ]);
+        let output = command.output().expect("rabbitmqctl");
+        assert!(output.status.success(), "rabbitmqctl list_connections");
+        let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    }
+
     /// `rabbitmqctl stop_app`: every connection is closed and the AMQP port shuts.
     pub fn stop_app(&self) {
         self.ctl(&["stop_app"]);
