@@ -10,7 +10,9 @@
 //! GPU consumers always pull (basic.get) from `high` before `normal`, which gives strict
 //! priority on 3.10 and on 4.x alike. A delivery that stays unacknowledged longer than the
 //! broker's consumer timeout (30 minutes by default; broker-wide before 3.12) is returned to
-//! its queue and its channel closed, so `worker.job_timeout_ms` must stay below it.
+//! its queue and its channel closed. The job is not lost (the message is back) nor run twice:
+//! the worker that gets it again finds the row `running` under a live worker's lease and
+//! leaves it there (see `crate::worker`), and the owner's result stands.
 
 mod error;
 mod message;
@@ -229,6 +231,11 @@ impl Broker {
             }
         };
         basic_get(&channel, queue).await
+    }
+
+    /// Whether the connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
     }
 
     /// Closes the connection; unacknowledged deliveries go back to their queues.

@@ -61,7 +61,19 @@ fn worker(s: &Settings) -> Result<(), Failure> {
     at_least("worker.progress_interval_ms", w.progress_interval_ms, 1)?;
     at_least("worker.poll_interval_ms", w.poll_interval_ms, 1)?;
     at_least("worker.job_timeout_ms", w.job_timeout_ms, 1)?;
+    at_least("worker.job_timeout_min_ms", w.job_timeout_min_ms, 1)?;
     at_least("worker.heartbeat_interval_ms", w.heartbeat_interval_ms, 10)?;
+    // A live worker must never look lost: its lease spans at least two heartbeats.
+    at_least(
+        "worker.lease_ms",
+        w.lease_ms,
+        w.heartbeat_interval_ms.saturating_mul(2),
+    )?;
+    at_least(
+        "worker.lease_sweep_interval_ms",
+        w.lease_sweep_interval_ms,
+        10,
+    )?;
     Ok(())
 }
 

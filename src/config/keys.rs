@@ -153,6 +153,16 @@ pub const KEYS: &[KeySpec] = &[
         "longest run of one job",
     ),
     key(
+        "worker.job_timeout_min_ms",
+        "SDXL_WORKER_JOB_TIMEOUT_MIN_MS",
+        "least timeout of a job (cost-estimated timeouts)",
+    ),
+    key(
+        "worker.job_timeout_per_megapixel_step_ms",
+        "SDXL_WORKER_JOB_TIMEOUT_PER_MEGAPIXEL_STEP_MS",
+        "time per megapixel-step of a job's cost estimate (0: job_timeout_ms for all)",
+    ),
+    key(
         "worker.shutdown_grace_ms",
         "SDXL_WORKER_SHUTDOWN_GRACE_MS",
         "time running jobs get to finish on shutdown",
@@ -161,6 +171,16 @@ pub const KEYS: &[KeySpec] = &[
         "worker.heartbeat_interval_ms",
         "SDXL_WORKER_HEARTBEAT_INTERVAL_MS",
         "time between heartbeats",
+    ),
+    key(
+        "worker.lease_ms",
+        "SDXL_WORKER_LEASE_MS",
+        "heartbeat age after which a worker's running jobs are recovered",
+    ),
+    key(
+        "worker.lease_sweep_interval_ms",
+        "SDXL_WORKER_LEASE_SWEEP_INTERVAL_MS",
+        "time between sweeps for jobs of lost workers",
     ),
     key(
         "models.default",
@@ -355,8 +375,14 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.progress_interval_ms" => s.worker.progress_interval_ms = v.int()?,
         "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,
         "worker.job_timeout_ms" => s.worker.job_timeout_ms = v.int()?,
+        "worker.job_timeout_min_ms" => s.worker.job_timeout_min_ms = v.int()?,
+        "worker.job_timeout_per_megapixel_step_ms" => {
+            s.worker.job_timeout_per_megapixel_step_ms = v.int()?
+        }
         "worker.shutdown_grace_ms" => s.worker.shutdown_grace_ms = v.int()?,
         "worker.heartbeat_interval_ms" => s.worker.heartbeat_interval_ms = v.int()?,
+        "worker.lease_ms" => s.worker.lease_ms = v.int()?,
+        "worker.lease_sweep_interval_ms" => s.worker.lease_sweep_interval_ms = v.int()?,
         "models.default" => s.models.default = v.text()?,
         "models.available" => s.models.models = v.models()?,
         "limits.min_side" => s.limits.min_side = v.int()?,

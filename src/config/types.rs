@@ -214,8 +214,14 @@ pub struct WorkerConfig {
     pub progress_interval_ms: u64,
     /// Pause between polls of the work queues when both are empty.
     pub poll_interval_ms: u64,
-    /// Longest a single job may run before it is failed with `timeout`.
+    /// Longest a single job may run before it is failed with `timeout`: the upper bound of
+    /// every job's timeout.
     pub job_timeout_ms: u64,
+    /// Least timeout of a job whose timeout comes from its cost estimate.
+    pub job_timeout_min_ms: u64,
+    /// Time allowed per megapixel-step of a job (width x height x steps x images / 10^6) on top
+    /// of `job_timeout_min_ms`; 0 gives every job `job_timeout_ms`.
+    pub job_timeout_per_megapixel_step_ms: u64,
     /// On shutdown, how long running jobs may take to finish before they are returned.
     pub shutdown_grace_ms: u64,
     /// Time between two heartbeats (the worker's row in the `workers` table).
@@ -227,6 +233,11 @@ pub struct WorkerConfig {
     /// Serve identical requests from the stored images of an earlier job unless the job says
     /// `"cache": false`.
     pub result_cache: bool,
+    /// A `running` job whose worker has not written a heartbeat for this long (or stopped)
+    /// is recovered: queued again, or failed with `worker_lost` after its last attempt.
+    pub lease_ms: u64,
+    /// Time between two sweeps for such jobs (every worker sweeps; one at a time does).
+    pub lease_sweep_interval_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -239,10 +250,14 @@ impl Default for WorkerConfig {
             progress_interval_ms: 500,
             poll_interval_ms: 200,
             job_timeout_ms: 600_000,
+            job_timeout_min_ms: 120_000,
+            job_timeout_per_megapixel_step_ms: 2_000,
             shutdown_grace_ms: 30_000,
             heartbeat_interval_ms: 5_000,
             model_cache_mb: 0,
             result_cache: false,
+            lease_ms: 60_000,
+            lease_sweep_interval_ms: 15_000,
         }
     }
 }

@@ -71,19 +71,47 @@ impl Db {
         device: &str,
         take_over_running: bool,
     ) -> Result<StartOutcome, DbError> {
+        self.start_attempt_leased(id, worker_id, device, take_over_running, None)
+            .await
+    }
+
+    /// [`Db::start_attempt`], where a running job is taken over only when its worker has
+    /// lost its lease: with `Some(lease)`, a running attempt of another worker whose heartbeat
+    /// is younger than `lease` (and which has not restarted since the attempt began) stays in
+    /// its hands ([`StartOutcome::InHand`]), even for a redelivered message: the broker
+    /// redelivers a job whose worker is alive after a broker restart or a consumer timeout.
+    pub async fn start_attempt_leased(
+        &self,
+        id: Uuid,
+        worker_id: &str,
+        device: &str,
+        take_over_running: bool,
+        lease: Option<std::time::Duration>,
+    ) -> Result<StartOutcome, DbError> {
         let op = "start_attempt";
         let mut tx = self.pool().begin().await.map_err(query_error(op))?;
-        let row = sqlx::query("SELECT state, cancel_requested FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(query_error(op))?;
+        let row = sqlx::query(
+            "SELECT j.state, j.cancel_requested, \
+                 ($2::float8 IS NOT NULL AND j.worker_id IS DISTINCT FROM $3 AND EXISTS ( \
+                     SELECT 1 FROM workers w WHERE w.worker_id = j.worker_id \
+                     AND w.stopped_at IS NULL \
+                     AND w.last_seen > now() - make_interval(secs => $2) \
+                     AND (j.started_at IS NULL OR w.started_at <= j.started_at))) AS owner_live \
+             FROM jobs j WHERE j.id = $1 FOR UPDATE OF j",
+        )
+        .bind(id)
+        .bind(lease.map(|l| l.as_secs_f64()))
+        .bind(worker_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_error(op))?;
         let Some(row) = row else {
             tx.rollback().await.map_err(query_error(op))?;
             return Ok(StartOutcome::NotFound);
         };
         let state = parse_state(id, row.try_get("state").map_err(query_error(op))?)?;
         let cancel_requested: bool = row.try_get("cancel_requested").map_err(query_error(op))?;
+        let owner_live: bool = row.try_get("owner_live").map_err(query_error(op))?;
         if state.is_terminal() {
             tx.rollback().await.map_err(query_error(op))?;
             return Ok(StartOutcome::AlreadyTerminal(state));
@@ -100,7 +128,7 @@ impl Db {
             tx.commit().await.map_err(query_error(op))?;
             return Ok(StartOutcome::AlreadyTerminal(JobState::Cancelled));
         }
-        if state == JobState::Running && !take_over_running {
+        if state == JobState::Running && (!take_over_running || owner_live) {
             tx.rollback().await.map_err(query_error(op))?;
             return Ok(StartOutcome::InHand);
         }

@@ -1,5 +1,6 @@
 //! Postgres: one status row per job (`jobs`), its timings (`job_metrics`), one row per worker
-//! process refreshed by its heartbeat (`workers`), and the migrations that create them.
+//! process refreshed by its heartbeat (`workers`), the recovery of jobs whose worker lost its
+//! lease ([`LeaseSweep`]), and the migrations that create them.
 //!
 //! All tables live in the configured schema ([`DatabaseConfig::schema`]), created if absent and
 //! set as `search_path` on every pooled connection, so several deployments (or tests) can share
@@ -12,6 +13,7 @@
 
 mod cache;
 mod jobs;
+mod lease;
 mod types;
 mod workers;
 
@@ -24,6 +26,7 @@ use sqlx::{ConnectOptions, Connection, Executor};
 use crate::config::{redact_url, DatabaseConfig};
 
 pub use cache::CachedResult;
+pub use lease::{LeaseSweep, LostJob};
 pub use types::{
     CancelOutcome, ImageRecord, JobMetrics, JobRow, JobState, ProgressOutcome, StartOutcome,
 };

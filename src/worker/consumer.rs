@@ -5,6 +5,8 @@
 //!
 //! On stop it takes no new job and gives the jobs in flight `worker.shutdown_grace_ms` to
 //! finish; jobs still running then are stopped at their next step and returned to the queue.
+//! When the broker closes its work channel alone (a job outlived the consumer timeout) it
+//! opens another and carries on; the other consumers of the process are not disturbed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,9 @@ pub(crate) struct ConsumerContext {
     /// Set when the shutdown grace period is over: running jobs stop and go back to the queue.
     pub abort: watch::Receiver<bool>,
 }
+
+/// Least time between two reopenings of the work channel.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(5);
 
 pub(crate) struct GpuConsumer {
     context: Arc<ConsumerContext>,
@@ -91,8 +96,9 @@ impl GpuConsumer {
         let GpuConsumer {
             context,
             abort,
-            puller,
+            mut puller,
         } = self;
+        let mut last_reopen: Option<std::time::Instant> = None;
         let worker = &context.shared.config.worker;
         let permits = Arc::new(Semaphore::new(worker.prefetch.max(1) as usize));
         let poll = Duration::from_millis(worker.poll_interval_ms.max(1));
@@ -123,7 +129,24 @@ impl GpuConsumer {
                         () = tokio::time::sleep(poll) => {}
                     }
                 }
-                Err(err) => break Err(WorkerError::from(err)),
+                Err(err) => {
+                    drop(permit);
+                    // The broker closed this channel alone (a delivery outlived its consumer
+                    // timeout): open another instead of restarting the whole worker, unless
+                    // that just happened (then the failure is not about one delivery).
+                    let recent = last_reopen.is_some_and(|at| at.elapsed() < REOPEN_INTERVAL);
+                    if recent || !context.shared.broker.is_connected() {
+                        break Err(WorkerError::from(err));
+                    }
+                    match context.shared.broker.work_puller().await {
+                        Ok(reopened) => {
+                            tracing::warn!(error = %err, "the work channel was closed by the broker; reopened it");
+                            puller = reopened;
+                            last_reopen = Some(std::time::Instant::now());
+                        }
+                        Err(_) => break Err(WorkerError::from(err)),
+                    }
+                }
             }
         };
 

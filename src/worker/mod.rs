@@ -8,6 +8,7 @@
 //! - [`consumer`]: one per device; pulls work (high before normal), keeps at most
 //!   `worker.prefetch` jobs in flight and hands inference to an [`engine_thread`].
 //! - [`process`]: what happens to one job: attempt, progress, images, result, acknowledgement.
+//! - [`lease`]: recovers `running` jobs whose worker stopped writing its heartbeat.
 //!
 //! Every message is acknowledged only after the rows and objects it stands for are written.
 
@@ -15,9 +16,11 @@ mod consumer;
 mod control;
 mod devices;
 mod engine_thread;
+mod fault;
 mod heartbeat;
 mod intake;
 pub mod model_cache;
+mod lease;
 mod process;
 pub mod result_cache;
 mod run;
@@ -37,6 +40,8 @@ use crate::engine::Device;
 use crate::storage::{Storage, StorageError};
 
 pub use devices::auto_devices;
+pub use fault::ABORT_ON_PROMPT_ENV;
+pub use lease::{sweep_lost_jobs, SweepReport, WORKER_LOST_CODE};
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -270,7 +275,7 @@ async fn run_connected(
         worker_id = %shared.worker_id,
         prefix = %shared.broker.topology().prefix,
         intake = options.intake,
-        consumers = tasks.len() - usize::from(options.intake),
+        consumers = tasks.len() - usize::from(options.intake) - 1,
         "worker started"
     );
 
@@ -286,7 +291,16 @@ async fn run_connected(
     let _ = stop_tx.send(true);
     let drained = drain(&mut tasks).await;
     match failure {
-        None => ConnectionEnd::Shutdown(drained.map_or(Ok(()), Err)),
+        // A broker connection or channel lost while stopping fails nothing: every delivery
+        // not acknowledged goes back to its queue.
+        None => ConnectionEnd::Shutdown(match drained {
+            Some(error) if reconnects_after(&error) => {
+                tracing::warn!(error = %error, code = error.code(), "the broker connection was lost while stopping");
+                Ok(())
+            }
+            Some(error) => Err(error),
+            None => Ok(()),
+        }),
         Some(error) => {
             tracing::error!(error = %error, code = error.code(), "a worker task stopped; stopping the others");
             ConnectionEnd::Failed {
@@ -316,6 +330,7 @@ async fn start_tasks(
             .await?;
         tasks.spawn(intake::run(shared.clone(), stream, stop.clone()));
     }
+    tasks.spawn(lease::run(shared.clone(), stop.clone()));
     if options.consumers {
         let nvml = devices::nvml();
         let devices: Vec<Device> = match &shared.config.worker.devices {

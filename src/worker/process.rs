@@ -95,6 +95,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
             },
         };
     }
+    super::fault::after_start(&job.message.prompt);
     let queue_wait = (Utc::now() - queued_at).to_std().unwrap_or_default();
     tracing::info!(job_id = %id, attempt, device = %ctx.device, "job started");
     let started = Started {
@@ -164,7 +165,17 @@ async fn execute(
         }
         _ => None,
     };
-    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone(), control).await;
+    let timeout = run::job_timeout(&shared.config.worker, &request);
+    let outcome = run::run_engine(
+        ctx,
+        id,
+        attempt,
+        model_ref,
+        request.clone(),
+        control,
+        timeout,
+    )
+    .await;
     drop(engine_slot);
     let RunOutcome {
         result,
@@ -172,7 +183,7 @@ async fn execute(
         peak_gpu_mem_bytes,
     } = outcome;
     match (result, stop) {
-        (_, Some(reason)) => stopped(ctx, id, attempt, reason).await,
+        (_, Some(reason)) => stopped(ctx, id, attempt, reason, timeout).await,
         (Ok(run), None) => {
             let output = Output {
                 request,
@@ -187,7 +198,13 @@ async fn execute(
 }
 
 /// A run that was asked to stop before it finished.
-async fn stopped(ctx: &ConsumerContext, id: Uuid, attempt: i32, reason: StopReason) -> Disposition {
+async fn stopped(
+    ctx: &ConsumerContext,
+    id: Uuid,
+    attempt: i32,
+    reason: StopReason,
+    timeout: Duration,
+) -> Disposition {
     let shared = &ctx.shared;
     match reason {
         StopReason::Lost => {
@@ -202,8 +219,11 @@ async fn stopped(ctx: &ConsumerContext, id: Uuid, attempt: i32, reason: StopReas
             Err(err) => Disposition::retry(id, Some(attempt), err),
         },
         StopReason::Timeout => {
-            let timeout = shared.config.worker.job_timeout_ms;
-            let text = format!("the job ran longer than {timeout} ms");
+            let text = format!(
+                "the job ran longer than its timeout of {} ms (from its cost estimate, at most \
+                 worker.job_timeout_ms)",
+                timeout.as_millis()
+            );
             fail(ctx, id, attempt, "timeout", &text, None).await
         }
         StopReason::Shutdown => Disposition::retry(id, Some(attempt), WorkerError::ShuttingDown),
@@ -352,14 +372,18 @@ async fn start(
     let worker_id = &ctx.shared.worker_id;
     // Only a redelivered message may take over a running attempt (its worker is gone); a
     // second copy of a job that is running elsewhere is a duplicate.
+    // A redelivery of a job whose worker is alive (after a broker restart or a consumer
+    // timeout) leaves it in that worker's hands; the lease sweep recovers it if that worker
+    // dies.
+    let lease = Some(Duration::from_millis(ctx.shared.config.worker.lease_ms));
     let mut outcome = db
-        .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+        .start_attempt_leased(job.id, worker_id, &ctx.device, redelivered, lease)
         .await?;
     if outcome == StartOutcome::NotFound {
         // Published straight to a work queue, past the intake: record it now.
         db.insert_queued(job).await?;
         outcome = db
-            .start_attempt(job.id, worker_id, &ctx.device, redelivered)
+            .start_attempt_leased(job.id, worker_id, &ctx.device, redelivered, lease)
             .await?;
     }
     match outcome {

@@ -1,7 +1,8 @@
 //! Drives one job's inference on the engine thread: writes progress to the job row (the first
 //! and the last step always, others at most every `worker.progress_interval_ms`), samples the
 //! device's memory, and stops the run at the next step when the job is cancelled, taken over
-//! by a newer attempt, runs past `worker.job_timeout_ms`, or the worker's shutdown grace ends.
+//! by a newer attempt, runs past its timeout ([`job_timeout`]), or the worker's shutdown grace
+//! ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::engine_thread::{EngineFailure, EngineJob, EngineRun, ModelRef};
+use crate::config::WorkerConfig;
 use crate::db::ProgressOutcome;
 use crate::engine::{GenerateRequest, Progress};
 
@@ -108,6 +110,7 @@ pub(crate) async fn run_engine(
     model: ModelRef,
     request: GenerateRequest,
     control: Option<super::control::ControlJob>,
+    timeout: Duration,
 ) -> RunOutcome {
     let worker = &ctx.shared.config.worker;
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
@@ -135,7 +138,7 @@ pub(crate) async fn run_engine(
     };
     let run = ctx.engine.run(job);
     tokio::pin!(run);
-    let timeout = tokio::time::sleep(Duration::from_millis(worker.job_timeout_ms));
+    let timeout = tokio::time::sleep(timeout);
     tokio::pin!(timeout);
     let mut abort = ctx.abort.clone();
 
@@ -165,5 +168,66 @@ pub(crate) async fn run_engine(
         result,
         stop: tracker.stop,
         peak_gpu_mem_bytes: tracker.peak,
+    }
+}
+
+/// A job's timeout from its cost estimate: `worker.job_timeout_min_ms` plus
+/// `worker.job_timeout_per_megapixel_step_ms` per megapixel-step (width x height x steps x
+/// images / 10^6), at most `worker.job_timeout_ms` (which every job gets when the per-step
+/// time is 0).
+pub(crate) fn job_timeout(worker: &WorkerConfig, request: &GenerateRequest) -> Duration {
+    timeout_for(
+        worker,
+        request.width,
+        request.height,
+        request.steps,
+        request.num_images,
+    )
+}
+
+fn timeout_for(
+    worker: &WorkerConfig,
+    width: u32,
+    height: u32,
+    steps: u32,
+    images: u32,
+) -> Duration {
+    let cap = Duration::from_millis(worker.job_timeout_ms);
+    if worker.job_timeout_per_megapixel_step_ms == 0 {
+        return cap;
+    }
+    let megapixel_steps =
+        f64::from(width) * f64::from(height) * f64::from(steps) * f64::from(images.max(1)) / 1e6;
+    let estimate_ms = worker.job_timeout_min_ms as f64
+        + megapixel_steps * worker.job_timeout_per_megapixel_step_ms as f64;
+    Duration::from_millis(estimate_ms.min(u64::MAX as f64) as u64).min(cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_grow_with_the_cost_and_stay_within_the_cap() {
+        let worker = WorkerConfig::default();
+        let sdxl = timeout_for(&worker, 1024, 1024, 30, 1);
+        assert_eq!(sdxl, Duration::from_millis(120_000 + 62_914));
+        assert!(timeout_for(&worker, 1024, 1024, 30, 2) > sdxl);
+        assert_eq!(
+            timeout_for(&worker, 64, 64, 2, 1),
+            Duration::from_millis(120_016)
+        );
+        assert_eq!(
+            timeout_for(&worker, 2048, 2048, 150, 4),
+            Duration::from_millis(worker.job_timeout_ms)
+        );
+        let fixed = WorkerConfig {
+            job_timeout_per_megapixel_step_ms: 0,
+            ..WorkerConfig::default()
+        };
+        assert_eq!(
+            timeout_for(&fixed, 64, 64, 2, 1),
+            Duration::from_millis(fixed.job_timeout_ms)
+        );
     }
 }

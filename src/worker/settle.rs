@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::WorkerError;
-use crate::broker::{DeadLetterReason, Incoming};
+use crate::broker::{DeadLetterReason, Incoming, Lane};
 
 /// Longest pause before a job is returned to the queue after a transient failure.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
@@ -76,7 +76,34 @@ pub(crate) async fn settle(ctx: &ConsumerContext, message: &Incoming, dispositio
                 WorkerError::Db(_) => super::wait_for_database(&shared.db).await,
                 _ => tokio::time::sleep(retry_pause(attempt)).await,
             }
-            nack(message).await;
+            return_to_queue(ctx, message).await;
+        }
+    }
+}
+
+/// Returns a job's message to its queue. When its channel is gone (the broker restarted or
+/// timed the delivery out, and may have handed the message to a worker that acknowledged it
+/// as still in this worker's hands), the job is published to its work queue again instead.
+async fn return_to_queue(ctx: &ConsumerContext, message: &Incoming) {
+    let Err(err) = message.nack_requeue().await else {
+        return;
+    };
+    let lane = if message.queue.ends_with(".work.high") {
+        Lane::High
+    } else {
+        Lane::Normal
+    };
+    match ctx
+        .shared
+        .broker
+        .publish_work(lane, &message.body, message.properties.clone())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(nack_error = %err, "job message published again: its delivery could not be returned");
+        }
+        Err(publish) => {
+            tracing::warn!(nack_error = %err, error = %publish, "cannot return a job message; the broker will redeliver it");
         }
     }
 }
@@ -133,8 +160,28 @@ async fn nack(message: &Incoming) {
     }
 }
 
-/// Exponential pause before a job goes back to the queue: 0.5 s, 1 s, 2 s, ... up to 5 s.
+/// Exponential pause before a job goes back to the queue: 0.5 s, 1 s, 2 s, ... up to 5 s,
+/// each shortened by a random part of up to a quarter (jitter), so that jobs failed by one
+/// outage do not all come back at the same instant.
 fn retry_pause(attempt: Option<i32>) -> Duration {
     let exponent = attempt.unwrap_or(1).clamp(1, 5) as u32;
-    Duration::from_millis(250 * 2u64.pow(exponent)).min(MAX_RETRY_PAUSE)
+    let base = Duration::from_millis(250 * 2u64.pow(exponent)).min(MAX_RETRY_PAUSE);
+    let jitter_ms = (uuid::Uuid::new_v4().as_u128() % 1000) as u64 * base.as_millis() as u64 / 4000;
+    base - Duration::from_millis(jitter_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_pauses_grow_with_jitter_and_stay_bounded() {
+        for attempt in 1..=8 {
+            let base = Duration::from_millis(250 * 2u64.pow(attempt.clamp(1, 5) as u32))
+                .min(MAX_RETRY_PAUSE);
+            let pauses: Vec<Duration> = (0..50).map(|_| retry_pause(Some(attempt))).collect();
+            assert!(pauses.iter().all(|p| *p <= base && *p >= base * 3 / 4));
+            assert!(pauses.iter().any(|p| *p != pauses[0]), "jittered");
+        }
+    }
 }

@@ -85,11 +85,28 @@ impl Stack {
     }
 
     pub async fn new(label: &str, storage: StorageKind) -> Stack {
+        Stack::new_on(
+            label,
+            storage,
+            &support::broker_url(),
+            &support::database_url(),
+        )
+        .await
+    }
+
+    /// A stack on the RabbitMQ at `broker_url` and the Postgres at `database_url` (private
+    /// servers of a fault test).
+    pub async fn new_on(
+        label: &str,
+        storage: StorageKind,
+        broker_url: &str,
+        database_url: &str,
+    ) -> Stack {
         s3_credentials_in_env();
-        let db = TestDb::new(label).await;
+        let db = TestDb::new_at(label, database_url).await;
         let prefix = support::unique_prefix(label);
         let mut config = Config::default();
-        config.broker.url = support::broker_url();
+        config.broker.url = broker_url.to_owned();
         config.broker.prefix = prefix.clone();
         config.database = db.config.clone();
         config.worker.devices = DevicesSetting::List(vec![Device::Cpu]);

@@ -7,12 +7,16 @@
 
 pub mod moto;
 pub mod pg;
+pub mod proxy;
+pub mod servers;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use moto::MotoServer;
 pub use pg::TestDb;
+pub use proxy::FaultProxy;
+pub use servers::{PrivatePostgres, PrivateRabbit};
 
 /// A name no other test (in this or another process) uses: lowercase ASCII letters, digits
 /// and `_`, starting with `label`.

@@ -13,7 +13,13 @@ pub struct TestDb {
 impl TestDb {
     /// Create schema `t_<label>_...`, connect and migrate.
     pub async fn new(label: &str) -> TestDb {
-        let config = TestDb::config(label);
+        TestDb::new_at(label, &super::database_url()).await
+    }
+
+    /// A migrated schema of its own on the Postgres server at `url`.
+    pub async fn new_at(label: &str, url: &str) -> TestDb {
+        let mut config = TestDb::config(label);
+        config.url = url.to_owned();
         let db = Db::connect(&config)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to Postgres ({e}); is it running?"));
