@@ -436,6 +436,7 @@ pub(crate) fn defaults_resolved() -> Config {
         models: resolve_models(settings.models, None),
         limits: settings.limits,
         log: settings.log,
+        api: settings.api,
     }
 }
 
@@ -460,6 +461,7 @@ fn finish(layers: Layers) -> Result<Config, ConfigError> {
         models: resolve_models(s.models, config_dir.as_deref()),
         limits: s.limits,
         log: s.log,
+        api: s.api,
     })
 }
 

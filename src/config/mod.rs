@@ -20,8 +20,8 @@ pub use keys::{KeySpec, KEYS};
 pub use load::{ConfigError, Origin};
 pub use redact::redact_url;
 pub use types::{
-    device_label, BrokerConfig, DatabaseConfig, DevicesSetting, LogConfig, LogFormat, ModelEntry,
-    ModelsConfig, StorageConfig, WorkerConfig, FALLBACK_SIDE,
+    device_label, ApiConfig, ApiToken, BrokerConfig, DatabaseConfig, DevicesSetting, LogConfig,
+    LogFormat, ModelEntry, ModelsConfig, StorageConfig, WorkerConfig, FALLBACK_SIDE,
 };
 
 /// Size, step and payload limits applied to every job message (see [`crate::job`]).
@@ -43,6 +43,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub api: ApiConfig,
 }
 
 impl Config {

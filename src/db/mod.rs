@@ -10,6 +10,7 @@
 //! Every insert and change of state or progress is announced with `pg_notify` on
 //! [`NOTIFY_CHANNEL`].
 
+mod api;
 mod jobs;
 mod types;
 mod workers;
@@ -22,6 +23,7 @@ use sqlx::{ConnectOptions, Connection, Executor};
 
 use crate::config::{redact_url, DatabaseConfig};
 
+pub use api::{Histogram, MetricsSample, MinuteCount};
 pub use types::{
     CancelOutcome, ImageRecord, JobMetrics, JobRow, JobState, ProgressOutcome, StartOutcome,
 };
