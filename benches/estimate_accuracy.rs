@@ -8,15 +8,17 @@
 //!   BENCH_JOBS=200 cargo bench --bench estimate_accuracy
 //!
 //! Reports the median absolute percentage error of p50 on the held-out jobs, the share of
-//! them at or under p90, and writes `bench/estimate-accuracy.json`. Under `cargo test` it runs
-//! 12 small jobs as a smoke test and writes nothing.
+//! them at or under p90, and writes `bench/estimate-accuracy.json` with the recorded rows in
+//! `bench/estimate-samples.json`. `BENCH_SAMPLES=bench/estimate-samples.json` refits and
+//! scores recorded rows without running jobs. Under `cargo test` it runs 12 small jobs as a
+//! smoke test and writes nothing.
 
 use std::time::{Duration, Instant};
 
 use sdxl_worker::api::estimate::{run_ms, Estimator, Shape};
 use sdxl_worker::broker::{Broker, Topology};
 use sdxl_worker::config::{Config, DatabaseConfig, DevicesSetting, StorageConfig};
-use sdxl_worker::db::{Db, JobState};
+use sdxl_worker::db::{Db, JobState, MetricsSample};
 use sdxl_worker::engine::Device;
 use sdxl_worker::worker::{self, RunOptions};
 use serde_json::json;
@@ -57,6 +59,21 @@ impl Lcg {
 }
 
 async fn run(jobs: usize, benchmarking: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let (samples, wall) = match std::env::var("BENCH_SAMPLES") {
+        Ok(path) if benchmarking => {
+            let samples: Vec<MetricsSample> = serde_json::from_slice(&std::fs::read(&path)?)?;
+            (samples, Duration::ZERO)
+        }
+        _ => record(jobs, benchmarking).await?,
+    };
+    score(&samples, wall, benchmarking)
+}
+
+/// Runs `jobs` jobs through a worker and returns their metrics rows, oldest first.
+async fn record(
+    jobs: usize,
+    benchmarking: bool,
+) -> Result<(Vec<MetricsSample>, Duration), Box<dyn std::error::Error>> {
     let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let storage_dir = tempfile::tempdir()?;
     let mut config = Config::default();
@@ -128,7 +145,14 @@ async fn run(jobs: usize, benchmarking: bool) -> Result<(), Box<dyn std::error::
         .execute(format!("DROP SCHEMA {} CASCADE", config.database.schema).as_str())
         .await?;
     db.close().await;
+    Ok((samples, wall))
+}
 
+fn score(
+    samples: &[MetricsSample],
+    wall: Duration,
+    benchmarking: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     // The first job loads the model; its run time without the load is still a fair sample.
     let split = ((samples.len() as f64) * HISTORY_SHARE).round() as usize;
     let (history, held_out) = samples.split_at(split);
@@ -179,11 +203,16 @@ async fn run(jobs: usize, benchmarking: bool) -> Result<(), Box<dyn std::error::
         mdape * 100.0,
         coverage * 100.0
     );
+    let noise = repeat_noise(samples);
+    println!(
+        "noise floor: repeats of one shape differ from their median by {:.1}% (median)",
+        noise * 100.0
+    );
     if !mdape.is_finite() {
         return Err("no held-out job could be estimated".into());
     }
     if benchmarking {
-        let result = json!({
+        let mut result = json!({
             "jobs": samples.len(),
             "history": history.len(),
             "held_out": held_out.len(),
@@ -192,15 +221,47 @@ async fn run(jobs: usize, benchmarking: bool) -> Result<(), Box<dyn std::error::
             "sizes": SIZES, "steps": STEPS, "num_images": IMAGES,
             "median_absolute_percentage_error": (mdape * 1000.0).round() / 10.0,
             "held_out_at_or_under_p90_percent": (coverage * 1000.0).round() / 10.0,
-            "wall_seconds": (wall.as_secs_f64() * 10.0).round() / 10.0,
+            "repeat_noise_percent": (noise * 1000.0).round() / 10.0,
         });
+        if wall > Duration::ZERO {
+            result["wall_seconds"] = json!((wall.as_secs_f64() * 10.0).round() / 10.0);
+        }
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/estimate-accuracy.json");
         std::fs::create_dir_all(path.parent().unwrap())?;
         std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
         println!("wrote {}", path.display());
+        if wall > Duration::ZERO {
+            let recorded = path.with_file_name("estimate-samples.json");
+            std::fs::write(&recorded, serde_json::to_string_pretty(samples)? + "\n")?;
+            println!("wrote {}", recorded.display());
+        }
     }
     Ok(())
+}
+
+/// The median relative deviation of each job's run time from the median of the jobs with the
+/// same shape: how far run time varies on this host with nothing else changing, a floor under
+/// any estimator's error.
+fn repeat_noise(samples: &[MetricsSample]) -> f64 {
+    let mut groups: std::collections::BTreeMap<(u32, u32, u32), Vec<f64>> = Default::default();
+    for s in samples {
+        groups
+            .entry((s.width, s.steps, s.num_images))
+            .or_default()
+            .push(run_ms(s));
+    }
+    let mut deviations = Vec::new();
+    for times in groups.values_mut().filter(|t| t.len() > 1) {
+        times.sort_by(f64::total_cmp);
+        let median = (times[(times.len() - 1) / 2] + times[times.len() / 2]) / 2.0;
+        deviations.extend(times.iter().map(|t| (t - median).abs() / median));
+    }
+    deviations.sort_by(f64::total_cmp);
+    deviations
+        .get(deviations.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 async fn wait(db: &Db, id: Uuid) -> Result<(), Box<dyn std::error::Error>> {

@@ -243,7 +243,9 @@ async fn jobs_validation_auth_events_and_status_over_http() {
     // Capabilities see the live worker (its heartbeat) and its device.
     let caps = alice
         .wait_get_until("/v1/capabilities", |c| {
+            // The first heartbeat may come before the consumer registered its device.
             c["workers_alive"].as_u64() >= Some(1)
+                && c["gpus"].as_array().is_some_and(|g| !g.is_empty())
         })
         .await;
     assert_eq!(caps["auth_required"], true);

@@ -16,9 +16,9 @@
 //! `a` is the fixed cost (text encoders, setup), `b·U` the UNet cost that grows with pixels,
 //! `c·U·P` the part of attention that grows with the square of the pixels, `d·U·K` the extra
 //! of ControlNets and `e·N·P` the VAE decode, PNG encoding and upload. The coefficients are
-//! fitted per (model, GPU kind) to the most recent metrics rows by least squares on relative
-//! error (each row weighted by 1/T², so small and large jobs count alike), with every
-//! coefficient kept non-negative (a feature whose coefficient comes out negative is dropped
+//! fitted per (model, GPU kind) to the most recent metrics rows by least absolute relative
+//! error (iteratively reweighted least squares, so small and large jobs count alike and a few
+//! rows slowed by a busy host pull the fit little), with every coefficient kept non-negative (a feature whose coefficient comes out negative is dropped
 //! and the rest refitted). The GPU kind is the GPU's name as its worker reported it, else the
 //! device kind (`cpu`).
 //!
@@ -349,40 +349,51 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-/// Least squares on relative error with non-negative coefficients: features whose
+/// Least absolute relative error with non-negative coefficients, by iteratively reweighted
+/// least squares (a handful of rounds starting from least squares on relative error, so a
+/// few rows slowed by something else, such as a busy host, pull the fit less). Features whose
 /// coefficient comes out negative (or that never vary from zero) are dropped and the rest
 /// refitted.
 fn nonnegative_fit<const N: usize>(rows: &[([f64; N], f64)]) -> Option<[f64; N]> {
     let mut active: Vec<usize> = (0..N)
         .filter(|&j| rows.iter().any(|(x, _)| x[j] != 0.0))
         .collect();
-    while !active.is_empty() {
-        let solution = weighted_least_squares(rows, &active)?;
-        match solution.iter().position(|c| *c < 0.0) {
-            Some(i) => {
+    'features: while !active.is_empty() {
+        let mut weights: Vec<f64> = rows.iter().map(|(_, t)| 1.0 / (t * t)).collect();
+        let mut solution = Vec::new();
+        for _ in 0..IRLS_ROUNDS {
+            solution = weighted_least_squares(rows, &weights, &active)?;
+            if let Some(i) = solution.iter().position(|c| *c < 0.0) {
                 active.remove(i);
+                continue 'features;
             }
-            None => {
-                let mut out = [0.0; N];
-                for (j, c) in active.iter().zip(solution) {
-                    out[*j] = c;
-                }
-                return Some(out);
+            for ((x, t), w) in rows.iter().zip(weights.iter_mut()) {
+                let fitted: f64 = active.iter().zip(&solution).map(|(&j, c)| c * x[j]).sum();
+                let relative = ((fitted - t) / t).abs().max(0.01);
+                *w = 1.0 / (t * t * relative);
             }
         }
+        let mut out = [0.0; N];
+        for (j, c) in active.iter().zip(solution) {
+            out[*j] = c;
+        }
+        return Some(out);
     }
     None
 }
 
-/// Solves the normal equations of Σ ((x·c − t) / t)² over the `active` features.
+/// Rounds of reweighting in [`nonnegative_fit`].
+const IRLS_ROUNDS: usize = 8;
+
+/// Solves the normal equations of Σ w·(x·c − t)² over the `active` features.
 fn weighted_least_squares<const N: usize>(
     rows: &[([f64; N], f64)],
+    weights: &[f64],
     active: &[usize],
 ) -> Option<Vec<f64>> {
     let k = active.len();
     let mut a = vec![vec![0.0; k + 1]; k];
-    for (x, t) in rows {
-        let w = 1.0 / (t * t);
+    for ((x, t), w) in rows.iter().zip(weights) {
         for (r, &i) in active.iter().enumerate() {
             for (c, &j) in active.iter().enumerate() {
                 a[r][c] += w * x[i] * x[j];
@@ -406,11 +417,12 @@ fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, pivot);
-        for row in 0..k {
-            if row != col {
-                let f = a[row][col] / a[col][col];
-                for c in col..=k {
-                    a[row][c] -= f * a[col][c];
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
+            if r != col {
+                let f = row[col] / pivot_row[col];
+                for (x, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= f * p;
                 }
             }
         }
@@ -484,7 +496,7 @@ pub async fn estimate(
             None => kinds.push((kind, 1)),
         }
     }
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     if kinds.is_empty() {
         // No worker: estimate for the kinds the history knows, else the priors' GPU.
         let mut known: Vec<String> = history.iter().map(|s| s.gpu_kind.clone()).collect();
