@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra cargo test arguments]
 #
 # - installs ONNX Runtime's CPU library (scripts/setup-ort.sh) and points ORT_DYLIB_PATH at it;
-# - installs the Python tools the tests drive (moto's S3 server, pika, jsonschema) when they are missing;
+# - installs the Python tools the tests drive (moto's S3 server, pika, jsonschema,
+#   openapi-spec-validator) and Debian's chromium (the status page test) when they are missing;
 # - starts the local PostgreSQL and RabbitMQ when they do not answer;
 # - runs `cargo test --all-targets`.
 #
@@ -28,9 +29,16 @@ missing=()
 python3 -c "import moto.server, flask_cors" 2>/dev/null || missing+=("moto[server]")
 python3 -c "import pika" 2>/dev/null || missing+=("pika")
 python3 -c "import jsonschema" 2>/dev/null || missing+=("jsonschema")
+python3 -c "import openapi_spec_validator" 2>/dev/null || missing+=("openapi-spec-validator")
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "Installing ${missing[*]} ..."
   python3 -m pip install -q "${missing[@]}"
+fi
+
+# Headless Chromium renders the status page in tests/api.rs.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "Installing chromium ..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

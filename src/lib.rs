@@ -2,6 +2,7 @@
 //! tracked in Postgres, stored in S3-compatible storage.
 //!
 //! The crate is a library with a thin binary. Each module owns one concern:
+//! - [`api`]: the HTTP API (`serve`): jobs, estimates, capabilities, metrics, status page.
 //! - [`engine`]: SDXL inference on ONNX Runtime (knows nothing of brokers, databases or storage).
 //! - [`job`]: the job message contract (version 1), its validation and JSON Schema.
 //! - [`config`]: layered configuration (defaults, file, environment).
@@ -12,6 +13,7 @@
 //! - [`worker`]: the glue that turns a claimed message into rows and images.
 //! - [`cli`]: the command line.
 
+pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -131,6 +131,8 @@ enum Location {
 #[derive(Debug, Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
+    /// Presigns URLs (S3 only).
+    signer: Option<Arc<dyn object_store::signer::Signer>>,
     prefix: String,
     location: Location,
 }
@@ -201,8 +203,10 @@ impl Storage {
                         reason: format!("S3 bucket {bucket:?}"),
                         source: Some(source),
                     })?;
+                let store = Arc::new(store);
                 Ok(Storage {
-                    store: Arc::new(store),
+                    signer: Some(store.clone()),
+                    store,
                     prefix,
                     location: Location::S3 {
                         bucket: bucket.clone(),
@@ -267,6 +271,45 @@ impl Storage {
         }
     }
 
+    /// A time-limited URL that reads the object under `key` without credentials, or `None`
+    /// when the backend cannot presign (local storage).
+    pub async fn presigned_get_url(
+        &self,
+        key: &str,
+        ttl: Duration,
+    ) -> Option<Result<String, StorageError>> {
+        let signer = self.signer.as_ref()?;
+        let path = match object_path(key) {
+            Ok(path) => path,
+            Err(err) => return Some(Err(err)),
+        };
+        Some(
+            signer
+                .signed_url(http::Method::GET, &path, ttl)
+                .await
+                .map(|url| url.to_string())
+                .map_err(|source| StorageError::Backend {
+                    op: "presign",
+                    key: key.to_owned(),
+                    source,
+                }),
+        )
+    }
+
+    /// Round trip to the backend: a metadata read of a key that need not exist.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        let key = format!("{}readyz-probe", self.prefix);
+        let path = object_path(&key)?;
+        match self.store.head(&path).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StorageError::Backend {
+                op: "head",
+                key,
+                source,
+            }),
+        }
+    }
+
     /// Where `key` lives, for humans: a file path or `s3://bucket/key`.
     pub fn describe_location(&self, key: &str) -> String {
         match &self.location {
@@ -290,6 +333,7 @@ async fn open_local(path: &FsPath, prefix: String) -> Result<Storage, StorageErr
         })?;
     Ok(Storage {
         store: Arc::new(store),
+        signer: None,
         prefix,
         location: Location::Local { root },
     })

@@ -233,7 +233,28 @@ impl Broker {
         basic_get(&channel, queue).await
     }
 
-    /// Whether the connection is open.
+    /// Messages ready (not yet delivered) in `queue`, read with a passive declare on a
+    /// channel of its own (a missing queue closes that channel, not the others).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
+        let channel = open_channel(&self.connection).await?;
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let result = channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .map_err(|source| BrokerError::Declare {
+                what: "queue (passive)",
+                name: queue.to_owned(),
+                source,
+            });
+        close_quietly(&channel).await;
+        result
+    }
+
+    /// Whether the connection to the broker is open.
     pub fn is_connected(&self) -> bool {
         self.connection.status().connected()
     }

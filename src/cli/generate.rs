@@ -134,17 +134,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         controls: Default::default(),
     };
     let started = Instant::now();
-    let output = engine
-        .generate(&request, &mut |p: Progress| {
-            eprintln!(
-                "step {}/{} ({:.1} s)",
-                p.step,
-                p.total,
-                started.elapsed().as_secs_f64()
-            );
-            ControlFlow::Continue(())
-        })
-        .context("generation failed")?;
+    let mut bar = super::progress::StepProgress::new();
+    let output = engine.generate(&request, &mut |p: Progress| {
+        bar.step(p.step, p.total);
+        ControlFlow::Continue(())
+    });
+    bar.finish();
+    let output = output.context("generation failed")?;
     let total = started.elapsed();
 
     let model_name = engine.model().name.clone();

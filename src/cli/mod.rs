@@ -1,4 +1,4 @@
-//! The command line: `generate`, `migrate`, `worker`, `submit`, `status`, `demo` and
+//! The command line: `generate`, `migrate`, `worker`, `serve`, `submit`, `status`, `demo` and
 //! `controlnets`.
 //! Each command lives in its own file; this module parses arguments, sets up logging and
 //! dispatches. Commands print results on stdout and logs on stderr.
@@ -16,6 +16,8 @@ pub mod controlnets;
 pub mod demo;
 pub mod generate;
 pub mod migrate;
+pub mod progress;
+pub mod serve;
 pub mod status;
 pub mod submit;
 pub mod worker;
@@ -43,6 +45,8 @@ pub enum Command {
     Migrate,
     /// Run a worker: the intake consumer and one consumer per configured device.
     Worker(worker::WorkerArgs),
+    /// Run the HTTP API (jobs, estimates, capabilities, metrics, status page).
+    Serve(serve::ServeArgs),
     /// Publish a job message to the broker and print its id.
     Submit(submit::SubmitArgs),
     /// Print the status row of a job as JSON.
@@ -61,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
         Command::Migrate => service(file, migrate::run),
         Command::Worker(args) => service(file, |config| worker::run(config, args)),
+        Command::Serve(args) => service(file, |config| serve::run(config, args)),
         Command::Submit(args) => service(file, |config| submit::run(config, args)),
         Command::Status(args) => service(file, |config| status::run(config, args)),
         Command::Demo(args) => service(file, |config| demo::run(config, args)),

@@ -173,16 +173,39 @@ pub async fn publish(broker: &Broker, body: &[u8], id: Uuid, priority: u8) -> an
         .context("publishing the job")
 }
 
-/// Polls the row of `id` until it is terminal.
+/// Polls the row of `id` until it is terminal, showing its state changes and step progress
+/// on stderr (a live bar on a terminal, plain lines otherwise).
 pub async fn wait_for(db: &Db, id: Uuid, timeout: Duration) -> anyhow::Result<JobRow> {
     let deadline = Instant::now() + timeout;
+    let mut progress = super::progress::StepProgress::new();
+    let mut last_state = None;
     loop {
         if let Some(row) = db.get(id).await.context("reading the job row")? {
+            if last_state != Some(row.state) {
+                last_state = Some(row.state);
+                let place = match (&row.worker_id, &row.device) {
+                    (Some(w), Some(d)) if row.state == crate::db::JobState::Running => {
+                        format!(" on {w} ({d})")
+                    }
+                    _ => String::new(),
+                };
+                progress.note(&format!("job {id}: {}{place}", row.state));
+            }
+            if let (Some(step), Some(total)) = (row.progress_step, row.progress_total) {
+                if row.state == crate::db::JobState::Running {
+                    progress.step(
+                        u32::try_from(step).unwrap_or(0),
+                        u32::try_from(total).unwrap_or(0),
+                    );
+                }
+            }
             if row.state.is_terminal() {
+                progress.finish();
                 return Ok(row);
             }
         }
         if Instant::now() >= deadline {
+            progress.finish();
             bail!("job {id} did not finish within {} s", timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -11,7 +11,20 @@ pub(crate) fn all(s: &Settings) -> Result<(), Failure> {
     worker(s)?;
     limits(s)?;
     models(s)?;
-    log(s)
+    log(s)?;
+    api(s)
+}
+
+fn api(s: &Settings) -> Result<(), Failure> {
+    let a = &s.api;
+    a.listen.parse::<std::net::SocketAddr>().map_err(|e| {
+        (
+            "api.listen",
+            format!("expected HOST:PORT with an IP address: {e}"),
+        )
+    })?;
+    at_least("api.body_limit_bytes", a.body_limit_bytes, 1024)?;
+    at_least("api.url_ttl_secs", a.url_ttl_secs, 1)
 }
 
 fn at_least<T: PartialOrd + std::fmt::Display>(

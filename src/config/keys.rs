@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use crate::config::controlnet::ControlNetConfig;
 use crate::config::load::Input;
 use crate::config::types::{
-    BrokerConfig, DatabaseConfig, DevicesSetting, Limits, LogConfig, LogFormat, ModelsConfig,
-    WorkerConfig,
+    ApiConfig, ApiToken, BrokerConfig, DatabaseConfig, DevicesSetting, Limits, LogConfig,
+    LogFormat, ModelsConfig, WorkerConfig,
 };
 use crate::engine::controlnet::ControlType;
 use crate::engine::SchedulerKind;
@@ -296,6 +296,27 @@ pub const KEYS: &[KeySpec] = &[
     ),
     key("log.level", "SDXL_LOG_LEVEL", "tracing filter directive"),
     key("log.format", "SDXL_LOG_FORMAT", "\"text\" or \"json\""),
+    key("api.listen", "SDXL_API_LISTEN", "address of the HTTP API"),
+    key(
+        "api.tokens",
+        "SDXL_API_TOKENS",
+        "bearer tokens as name:secret (empty: no authentication)",
+    ),
+    key(
+        "api.body_limit_bytes",
+        "SDXL_API_BODY_LIMIT_BYTES",
+        "largest request body",
+    ),
+    key(
+        "api.status_page",
+        "SDXL_API_STATUS_PAGE",
+        "serve the live status page at /",
+    ),
+    key(
+        "api.url_ttl_secs",
+        "SDXL_API_URL_TTL_SECS",
+        "lifetime of presigned image URLs",
+    ),
 ];
 
 /// The spec of `name`.
@@ -342,6 +363,7 @@ pub(crate) struct Settings {
     pub limits: Limits,
     pub controlnet: ControlNetConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
 }
 
 /// Apply one value to the key `name`. Returns a message (without the key or origin, which the
@@ -413,6 +435,11 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "controlnet.fetch_timeout_ms" => s.controlnet.fetch_timeout_ms = v.int()?,
         "log.level" => s.log.level = v.text()?,
         "log.format" => s.log.format = log_format(&v.text()?)?,
+        "api.listen" => s.api.listen = v.text()?,
+        "api.tokens" => s.api.tokens = tokens(v)?,
+        "api.body_limit_bytes" => s.api.body_limit_bytes = v.int()?,
+        "api.status_page" => s.api.status_page = v.flag()?,
+        "api.url_ttl_secs" => s.api.url_ttl_secs = v.int()?,
         other => return Err(format!("unknown key {other:?}")),
     }
     Ok(())
@@ -463,6 +490,30 @@ fn schedulers(v: &Input<'_>) -> Result<Vec<SchedulerKind>, String> {
         return Err("at least one scheduler must be enabled".to_owned());
     }
     Ok(kinds)
+}
+
+fn tokens(v: &Input<'_>) -> Result<Vec<ApiToken>, String> {
+    let items = match v.text_or_list()? {
+        either::One(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        either::Many(items) => items,
+    };
+    let mut tokens: Vec<ApiToken> = Vec::with_capacity(items.len());
+    for item in &items {
+        let token = ApiToken::parse(item)?;
+        if tokens
+            .iter()
+            .any(|t| t.name == token.name || t.secret == token.secret)
+        {
+            return Err(format!("token {:?} is listed twice", token.name));
+        }
+        tokens.push(token);
+    }
+    Ok(tokens)
 }
 
 fn log_format(text: &str) -> Result<LogFormat, String> {

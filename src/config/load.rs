@@ -437,6 +437,7 @@ pub(crate) fn defaults_resolved() -> Config {
         limits: settings.limits,
         controlnet: resolve_controlnet(settings.controlnet, None),
         log: settings.log,
+        api: settings.api,
     }
 }
 
@@ -462,6 +463,7 @@ fn finish(layers: Layers) -> Result<Config, ConfigError> {
         limits: s.limits,
         controlnet: resolve_controlnet(s.controlnet, layers.config_dir.as_deref()),
         log: s.log,
+        api: s.api,
     })
 }
 

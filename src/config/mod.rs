@@ -21,8 +21,8 @@ pub use keys::{KeySpec, KEYS};
 pub use load::{ConfigError, Origin};
 pub use redact::redact_url;
 pub use types::{
-    device_label, BrokerConfig, DatabaseConfig, DevicesSetting, LogConfig, LogFormat, ModelEntry,
-    ModelsConfig, StorageConfig, WorkerConfig, FALLBACK_SIDE,
+    device_label, ApiConfig, ApiToken, BrokerConfig, DatabaseConfig, DevicesSetting, LogConfig,
+    LogFormat, ModelEntry, ModelsConfig, StorageConfig, WorkerConfig, FALLBACK_SIDE,
 };
 
 /// Size, step and payload limits applied to every job message (see [`crate::job`]).
@@ -49,6 +49,7 @@ pub struct Config {
     pub limits: Limits,
     pub controlnet: ControlNetConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
 }
 
 impl Config {

@@ -398,3 +398,79 @@ impl Default for LogConfig {
         }
     }
 }
+
+/// One bearer token of the HTTP API: the name recorded as the owner of the jobs it creates,
+/// and the secret clients send (`Authorization: Bearer SECRET`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub name: String,
+    pub secret: String,
+}
+
+impl ApiToken {
+    /// Parse `name:secret`.
+    pub fn parse(text: &str) -> Result<ApiToken, String> {
+        let (name, secret) = text
+            .split_once(':')
+            .ok_or_else(|| "expected \"name:secret\"".to_owned())?;
+        let name = name.trim();
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !name_ok {
+            return Err(
+                "a token name is non-empty ASCII letters, digits, '_', '-' or '.'".to_owned(),
+            );
+        }
+        if secret.len() < 8 {
+            return Err(format!(
+                "the secret of token {name:?} is shorter than 8 characters"
+            ));
+        }
+        Ok(ApiToken {
+            name: name.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.name, crate::config::redact::MASK)
+    }
+}
+
+impl Serialize for ApiToken {
+    /// Only the name and a mask: the secret never leaves the process.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{}:{}", self.name, crate::config::redact::MASK))
+    }
+}
+
+/// Settings of the HTTP API (`sdxl-worker serve`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiConfig {
+    /// Address and port to listen on.
+    pub listen: String,
+    /// Bearer tokens; empty turns authentication off.
+    pub tokens: Vec<ApiToken>,
+    /// Largest request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// Whether `/` serves the live status page.
+    pub status_page: bool,
+    /// Lifetime of presigned image URLs (S3 storage).
+    pub url_ttl_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".to_owned(),
+            tokens: Vec::new(),
+            body_limit_bytes: 262_144,
+            status_page: true,
+            url_ttl_secs: 3600,
+        }
+    }
+}

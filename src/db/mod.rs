@@ -11,6 +11,7 @@
 //! Every insert and change of state or progress is announced with `pg_notify` on
 //! [`NOTIFY_CHANNEL`].
 
+mod api;
 mod cache;
 mod jobs;
 mod lease;
@@ -25,6 +26,7 @@ use sqlx::{ConnectOptions, Connection, Executor};
 
 use crate::config::{redact_url, DatabaseConfig};
 
+pub use api::{Histogram, MetricsSample, MinuteCount};
 pub use cache::CachedResult;
 pub use lease::{LeaseSweep, LostJob};
 pub use types::{
