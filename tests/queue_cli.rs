@@ -222,3 +222,108 @@ async fn demo_runs_one_job_end_to_end_and_prints_the_png_path() {
     let png = std::fs::read(Path::new(path.trim())).expect("the PNG exists");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+/// `url` with `password` in its user info (a URL that already has one keeps it): the secret
+/// to look for, and the URL that carries it.
+fn with_password(url: &str, password: &str) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (userinfo, host) = rest
+        .split_once('@')
+        .expect("a user in the test database URL");
+    match userinfo.split_once(':') {
+        Some((_, existing)) => (existing.to_owned(), url.to_owned()),
+        None => (
+            password.to_owned(),
+            format!("{scheme}://{userinfo}:{password}@{host}"),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_in_service_urls_never_reach_logs_or_rows() {
+    let deployment = Deployment::new("cli-secret").await;
+    // The local test server trusts its clients, so any password connects.
+    let (secret, url) = with_password(&deployment.db.config.url, "Sdxl-s3cret-Pa55");
+    let logs = deployment.cwd.path().join("worker.log");
+
+    // A job through a worker logging at debug level, both processes given the secret URL.
+    let mut worker = deployment
+        .command(&["worker"])
+        .env("SDXL_DATABASE_URL", &url)
+        .env("SDXL_LOG_LEVEL", "debug")
+        .stdout(Stdio::from(std::fs::File::create(&logs).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&logs)
+                .unwrap(),
+        ))
+        .spawn()
+        .expect("start the worker");
+    let submitted = deployment
+        .command(&[
+            "submit",
+            "--prompt",
+            "a grey owl",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--wait",
+            "--timeout",
+            "120",
+        ])
+        .env("SDXL_DATABASE_URL", &url)
+        .env("SDXL_LOG_LEVEL", "debug")
+        .output()
+        .expect("run submit");
+    let submit_out = format!("{}{}", text(&submitted.stdout), text(&submitted.stderr));
+    assert!(submitted.status.success(), "{submit_out}");
+    assert!(submit_out.contains("succeeded"), "{submit_out}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(wait_exit(&mut worker, Duration::from_secs(60)).success());
+    let worker_out = std::fs::read_to_string(&logs).unwrap();
+    assert!(worker_out.contains("worker started"), "{worker_out}");
+    assert!(
+        !worker_out.contains(&secret),
+        "the worker logged the password"
+    );
+    assert!(!submit_out.contains(&secret), "submit printed the password");
+
+    // A database that cannot be reached: the error names the server, not the password.
+    let unreachable = url.replace(":5432/", ":1/");
+    assert_ne!(unreachable, url, "the test database URL names port 5432");
+    let failed = deployment
+        .command(&["worker"])
+        .env("SDXL_DATABASE_URL", &unreachable)
+        .output()
+        .expect("run the worker");
+    let failed_out = format!("{}{}", text(&failed.stdout), text(&failed.stderr));
+    assert!(!failed.status.success(), "{failed_out}");
+    assert!(failed_out.contains("127.0.0.1:1"), "{failed_out}");
+    assert!(!failed_out.contains(&secret), "{failed_out}");
+
+    // Nor is it stored in any row.
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM jobs WHERE jobs::text LIKE '%' || $1 || '%') \
+              + (SELECT count(*) FROM workers WHERE workers::text LIKE '%' || $1 || '%')",
+    )
+    .bind(&secret)
+    .fetch_one(deployment.db.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
+
+    let topology = sdxl_worker::broker::Topology::new(deployment.prefix.clone(), 5);
+    let broker = sdxl_worker::broker::Broker::connect(&support::broker_url(), topology)
+        .await
+        .unwrap();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+}
