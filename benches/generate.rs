@@ -39,6 +39,7 @@ fn main() {
             device: Device::Cpu,
             intra_threads: Some(1),
             tf32: false,
+            ..EngineOptions::default()
         },
     )
     .expect("load the tiny pipeline");

@@ -88,6 +88,7 @@ fn controlnets() -> &'static ControlNets {
             device: common::test_device(),
             intra_threads: Some(1),
             tf32: false,
+            ..EngineOptions::default()
         };
         ControlNets::load(&paths, common::tiny_engine().model(), &options)
             .expect("load the tiny ControlNets")
@@ -326,6 +327,7 @@ fn plain_unet_still_works_and_zero_residuals_are_exact() {
         device: common::test_device(),
         intra_threads: Some(1),
         tf32: false,
+        ..EngineOptions::default()
     };
     let plain = Engine::load(copy.path(), &options).expect("plain export loads");
     assert!(plain.model().unet.residuals.is_none());
@@ -365,6 +367,7 @@ fn an_onnx_preprocessor_turns_a_photo_into_a_control_image() {
         device: common::test_device(),
         intra_threads: Some(1),
         tf32: false,
+        ..EngineOptions::default()
     };
     let nets = ControlNets::load(&paths, common::tiny_engine().model(), &options)
         .expect("load the preprocessor");

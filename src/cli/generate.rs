@@ -108,6 +108,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         device: args.device,
         intra_threads: args.threads,
         tf32: args.tf32,
+        ..EngineOptions::default()
     };
     let engine = Engine::load(&args.model, &options)
         .with_context(|| format!("loading the model in {}", args.model.display()))?;

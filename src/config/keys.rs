@@ -10,6 +10,7 @@ use crate::config::types::{
     LogFormat, ModelsConfig, WorkerConfig,
 };
 use crate::engine::controlnet::ControlType;
+use crate::engine::cuda::CudaOptions;
 use crate::engine::SchedulerKind;
 
 /// One configuration key.
@@ -294,6 +295,46 @@ pub const KEYS: &[KeySpec] = &[
         "SDXL_CONTROLNET_FETCH_TIMEOUT_MS",
         "time allowed to fetch a control image",
     ),
+    key(
+        "cuda.conv_algo_search",
+        "SDXL_CUDA_CONV_ALGO_SEARCH",
+        "cuDNN convolution search: exhaustive, heuristic or default",
+    ),
+    key(
+        "cuda.conv_max_workspace",
+        "SDXL_CUDA_CONV_MAX_WORKSPACE",
+        "let cuDNN take the workspace its fastest algorithms want",
+    ),
+    key(
+        "cuda.arena_same_as_requested",
+        "SDXL_CUDA_ARENA_SAME_AS_REQUESTED",
+        "grow the memory arena by what is requested, not powers of two",
+    ),
+    key(
+        "cuda.prefer_nhwc",
+        "SDXL_CUDA_PREFER_NHWC",
+        "prefer NHWC layouts for convolutions",
+    ),
+    key(
+        "cuda.attention",
+        "SDXL_CUDA_ATTENTION",
+        "attention kernel: auto, flash, efficient, cudnn_flash or math",
+    ),
+    key(
+        "cuda.io_binding",
+        "SDXL_CUDA_IO_BINDING",
+        "keep the UNet's inputs and outputs in device memory",
+    ),
+    key(
+        "cuda.graph",
+        "SDXL_CUDA_GRAPH",
+        "capture the UNet in CUDA graphs (one static session per shape)",
+    ),
+    key(
+        "cuda.graph_shapes",
+        "SDXL_CUDA_GRAPH_SHAPES",
+        "most shapes with a CUDA graph per consumer",
+    ),
     key("log.level", "SDXL_LOG_LEVEL", "tracing filter directive"),
     key("log.format", "SDXL_LOG_FORMAT", "\"text\" or \"json\""),
     key("api.listen", "SDXL_API_LISTEN", "address of the HTTP API"),
@@ -362,6 +403,7 @@ pub(crate) struct Settings {
     pub models: ModelsConfig,
     pub limits: Limits,
     pub controlnet: ControlNetConfig,
+    pub cuda: CudaOptions,
     pub log: LogConfig,
     pub api: ApiConfig,
 }
@@ -390,6 +432,14 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "storage.s3.path_style" => s.storage.s3_path_style = v.flag()?,
         "worker.id" => s.worker.id = v.optional_text()?,
         "worker.devices" => s.worker.devices = devices(v)?,
+        "cuda.conv_algo_search" => s.cuda.conv_search = v.text()?.parse()?,
+        "cuda.conv_max_workspace" => s.cuda.conv_max_workspace = v.flag()?,
+        "cuda.arena_same_as_requested" => s.cuda.arena_same_as_requested = v.flag()?,
+        "cuda.prefer_nhwc" => s.cuda.prefer_nhwc = v.flag()?,
+        "cuda.attention" => s.cuda.attention = v.text()?.parse()?,
+        "cuda.io_binding" => s.cuda.io_binding = v.flag()?,
+        "cuda.graph" => s.cuda.graph = v.flag()?,
+        "cuda.graph_shapes" => s.cuda.graph_shapes = v.int()?,
         "worker.prefetch" => s.worker.prefetch = v.int()?,
         "worker.model_cache_mb" => s.worker.model_cache_mb = v.int()?,
         "worker.result_cache" => s.worker.result_cache = v.flag()?,

@@ -436,6 +436,7 @@ pub(crate) fn defaults_resolved() -> Config {
         models: resolve_models(settings.models, None),
         limits: settings.limits,
         controlnet: resolve_controlnet(settings.controlnet, None),
+        cuda: settings.cuda,
         log: settings.log,
         api: settings.api,
     }
@@ -462,6 +463,7 @@ fn finish(layers: Layers) -> Result<Config, ConfigError> {
         models: resolve_models(s.models, config_dir.as_deref()),
         limits: s.limits,
         controlnet: resolve_controlnet(s.controlnet, layers.config_dir.as_deref()),
+        cuda: s.cuda,
         log: s.log,
         api: s.api,
     })

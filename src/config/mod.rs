@@ -48,6 +48,8 @@ pub struct Config {
     pub models: ModelsConfig,
     pub limits: Limits,
     pub controlnet: ControlNetConfig,
+    /// Settings of the CUDA execution provider (GPU consumers only).
+    pub cuda: crate::engine::cuda::CudaOptions,
     pub log: LogConfig,
     pub api: ApiConfig,
 }

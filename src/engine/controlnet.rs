@@ -357,6 +357,8 @@ impl ControlNets {
             device: options.device,
             intra_threads: options.intra_threads,
             tf32: options.tf32,
+            cuda: options.cuda,
+            graph_capture: false,
         };
         let mut nets = BTreeMap::new();
         for (&kind, dir) in &paths.models {
@@ -577,6 +579,21 @@ impl<'a> ControlRun<'a> {
             shape: *shape,
             zeros,
         })
+    }
+
+    /// The residual inputs with every residual zero (none for a plain UNet): what a residual
+    /// UNet gets at steps where no ControlNet is active.
+    pub(crate) fn zero_inputs(&self) -> Vec<(&'a str, &DynValue)> {
+        let Some(slots) = self.slots else {
+            return Vec::new();
+        };
+        slots
+            .down
+            .iter()
+            .chain(std::iter::once(&slots.mid))
+            .map(|s| s.name.as_str())
+            .zip(&self.zeros)
+            .collect()
     }
 
     /// The residual inputs for step `i` of `total` (none for a plain UNet). `model_input` is the

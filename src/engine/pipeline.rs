@@ -5,7 +5,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::controlnet::{ControlRequest, ControlRun};
@@ -15,6 +14,7 @@ use super::runtime::SessionOptions;
 use super::scheduler::{self, Scheduler, SchedulerConfig};
 use super::session::TensorInfo;
 use super::text::{self, Conditioning, PromptTexts};
+use super::unet::{UnetConditioning, UnetRunner};
 use super::{
     guidance, tensor, vae, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest,
     GeneratedImage, Progress, ProgressFn, StageTimings,
@@ -68,6 +68,7 @@ impl Engine {
             model,
             options: options.clone(),
             vae_encoder: Default::default(),
+            graph_unets: Default::default(),
         })
     }
 
@@ -303,7 +304,6 @@ impl Engine {
         latents: &mut [f32],
         progress: &mut ProgressFn<'_>,
     ) -> Result<(), EngineError> {
-        let unet = &self.model.unet;
         let shape = state.shape;
         let rows = shape.unet_rows();
         let constants = UnetConstants::new(&self.model, conditioning, state.request, &shape)?;
@@ -326,6 +326,17 @@ impl Engine {
         ];
         let mut model_input = vec![0.0f32; rows * shape.per_image()];
         let mut guided = vec![0.0f32; per_batch];
+        let mut runner = UnetRunner::new(
+            self,
+            UnetConditioning {
+                encoder_hidden_states: &constants.encoder_hidden_states,
+                text_embeds: &constants.text_embeds,
+                time_ids: &constants.time_ids,
+                constants: control.zero_inputs(),
+            },
+            sample_shape,
+            state.control.is_some(),
+        )?;
         for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let step_started = Instant::now();
             model_input[..per_batch].copy_from_slice(latents);
@@ -333,9 +344,6 @@ impl Engine {
             if shape.guidance {
                 model_input.copy_within(..per_batch, per_batch);
             }
-            let sample = tensor::float_value(unet.sample.elem, &sample_shape, &model_input)
-                .map_err(unet_err)?;
-            let timestep = timestep_value(&unet.timestep, t, rows).map_err(unet_err)?;
             let residuals = control.step(
                 i,
                 timesteps.len(),
@@ -343,24 +351,8 @@ impl Engine {
                 t,
                 &mut state.timings.controlnet,
             )?;
-            let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
-                ("sample", sample.into()),
-                ("timestep", timestep.into()),
-                (
-                    "encoder_hidden_states",
-                    (&constants.encoder_hidden_states).into(),
-                ),
-                ("text_embeds", (&constants.text_embeds).into()),
-                ("time_ids", (&constants.time_ids).into()),
-            ];
-            inputs.extend(residuals);
-            let result = unet.component.run(UNET, inputs, &["out_sample"])?;
-            let out = result
-                .outputs
-                .into_iter()
-                .next()
-                .map(|o| o.data)
-                .unwrap_or_default();
+            let result = runner.step(&model_input, t, residuals)?;
+            let out = result.out;
             if out.len() != rows * shape.per_image() {
                 return Err(EngineError::UnexpectedOutput {
                     stage: UNET,
@@ -466,6 +458,8 @@ fn session_options(options: &EngineOptions) -> SessionOptions {
         device: options.device,
         intra_threads: options.intra_threads,
         tf32: options.tf32,
+        cuda: options.cuda,
+        graph_capture: false,
     }
 }
 

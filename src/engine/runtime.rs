@@ -15,6 +15,7 @@ use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 
+use super::cuda::CudaOptions;
 use super::{Device, EngineError};
 
 /// The ONNX Runtime version the `ort` crate of this build targets.
@@ -111,6 +112,10 @@ pub struct SessionOptions {
     pub intra_threads: Option<usize>,
     /// CUDA only: allow TF32 for float32 math (see [`crate::engine::EngineOptions::tf32`]).
     pub tf32: bool,
+    /// CUDA only: provider settings.
+    pub cuda: CudaOptions,
+    /// CUDA only: capture this session's runs in a CUDA graph (static shapes, bound buffers).
+    pub graph_capture: bool,
 }
 
 /// Build a session for the ONNX graph at `path` on `options.device`.
@@ -118,6 +123,16 @@ pub struct SessionOptions {
 /// CUDA is never replaced silently by the CPU: if the CUDA execution provider is missing from
 /// the library or fails to register, this returns [`EngineError::CudaUnavailable`].
 pub fn load_session(path: &Path, options: &SessionOptions) -> Result<Session, EngineError> {
+    load_session_with_dims(path, options, &[])
+}
+
+/// [`load_session`] with named dynamic dimensions fixed to sizes (`batch_size` = 2, ...), so that
+/// ONNX Runtime folds the shape computations (which CUDA graph capture requires).
+pub fn load_session_with_dims(
+    path: &Path,
+    options: &SessionOptions,
+    dims: &[(&str, i64)],
+) -> Result<Session, EngineError> {
     let env = environment()?;
     let runtime_err = |context: &str| {
         let context = format!("{context} for {}", path.display());
@@ -128,6 +143,11 @@ pub fn load_session(path: &Path, options: &SessionOptions) -> Result<Session, En
         builder = builder
             .with_intra_threads(n)
             .map_err(|e| runtime_err("setting the thread count")(e.into()))?;
+    }
+    for &(name, size) in dims {
+        builder = builder
+            .with_dimension_override(name, size)
+            .map_err(|e| runtime_err("fixing a dimension")(e.into()))?;
     }
     match options.device {
         Device::Cpu => {
@@ -148,11 +168,9 @@ pub fn load_session(path: &Path, options: &SessionOptions) -> Result<Session, En
                 index,
                 reason: "device index out of range".to_owned(),
             })?;
-            let cuda = ep::CUDA::default()
-                .with_device_id(device_id)
-                .with_tf32(options.tf32)
-                .build()
-                .error_on_failure();
+            let cuda = options
+                .cuda
+                .provider(device_id, options.tf32, options.graph_capture);
             builder = builder.with_execution_providers([cuda]).map_err(|e| {
                 EngineError::CudaUnavailable {
                     index,

@@ -61,6 +61,7 @@ impl GpuConsumer {
             } else {
                 None
             },
+            cuda: shared.config.cuda,
             ..EngineOptions::default()
         };
         let cache_budget = shared.config.worker.model_cache_mb.saturating_mul(1 << 20);

@@ -14,7 +14,7 @@
 
 mod consumer;
 mod control;
-mod devices;
+pub mod devices;
 mod engine_thread;
 mod fault;
 mod heartbeat;

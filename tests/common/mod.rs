@@ -29,6 +29,7 @@ fn test_options() -> EngineOptions {
         device: test_device(),
         intra_threads: Some(1),
         tf32: false,
+        ..EngineOptions::default()
     }
 }
 

@@ -10,10 +10,12 @@
 //! ControlNets, it is modelled as
 //!
 //! ```text
-//! T = a + b·U + c·U·P + d·U·K + e·N·P      with U = S·N·C·P (UNet work)
+//! T = a + b·U + c·U·P + d·U·K + e·N·P + f·S      with U = S·N·C·P (UNet work)
 //! ```
 //!
-//! `a` is the fixed cost (text encoders, setup), `b·U` the UNet cost that grows with pixels,
+//! `a` is the fixed cost (text encoders, setup), `f·S` the fixed cost of each denoising step
+//! whatever its size (the runtime's per-call overhead, the scheduler, progress updates),
+//! `b·U` the UNet cost that grows with pixels,
 //! `c·U·P` the part of attention that grows with the square of the pixels, `d·U·K` the extra
 //! of ControlNets and `e·N·P` the VAE decode, PNG encoding and upload. The coefficients are
 //! fitted per (model, GPU kind) to the most recent metrics rows by least absolute relative
@@ -27,7 +29,8 @@
 //! actually shows. A group needs at least [`MIN_SAMPLES`] rows; with fewer, the rows of the
 //! same model on any GPU are used, and with none the documented priors ([`PRIORS`]), which
 //! describe SDXL base in fp16 on an H200-class GPU (design notes §5: 35.6 ms per UNet step at
-//! batch 2 at 1024², 86 ms of VAE decode per 1024² image), with p90 = 1.5 × p50.
+//! batch 2 at 1024², 86 ms of VAE decode per 1024² image, 0.5 ms of per-step overhead), with
+//! p90 = 1.5 × p50.
 //!
 //! # Memory
 //!
@@ -69,6 +72,9 @@ mod fit;
 
 use fit::{dot, nonnegative_fit, quantile};
 
+/// Terms of the run-time model (see the module documentation).
+const TIME_FEATURES: usize = 6;
+
 /// Fewest metrics rows a fitted group needs.
 pub const MIN_SAMPLES: usize = 8;
 /// Metrics rows read for a fit.
@@ -81,6 +87,7 @@ pub const PRIORS: Priors = Priors {
     attention_ms_per_unit_mp: 0.0,
     controlnet_ms_per_unit: 8.5,
     decode_ms_per_mp: 180.0,
+    step_ms: 0.5,
     p90_factor: 1.5,
     weights_bytes: 7.0e9,
     activation_bytes_per_mp: 1.2e9,
@@ -94,6 +101,7 @@ pub struct Priors {
     pub attention_ms_per_unit_mp: f64,
     pub controlnet_ms_per_unit: f64,
     pub decode_ms_per_mp: f64,
+    pub step_ms: f64,
     pub p90_factor: f64,
     pub weights_bytes: f64,
     pub activation_bytes_per_mp: f64,
@@ -138,13 +146,14 @@ impl Shape {
         f64::from(self.width) * f64::from(self.height) / 1e6
     }
 
-    /// Features of the run-time model: 1, U, U·P, U·K, N·P.
-    fn time_features(&self) -> [f64; 5] {
+    /// Features of the run-time model: 1, U, U·P, U·K, N·P, S.
+    fn time_features(&self) -> [f64; TIME_FEATURES] {
         let p = self.megapixels();
         let n = f64::from(self.num_images);
         let c = if self.cfg { 2.0 } else { 1.0 };
-        let u = f64::from(self.steps) * n * c * p;
-        [1.0, u, u * p, u * f64::from(self.controlnets), n * p]
+        let s = f64::from(self.steps);
+        let u = s * n * c * p;
+        [1.0, u, u * p, u * f64::from(self.controlnets), n * p, s]
     }
 
     /// Features of the memory model: 1, N·C·P.
@@ -169,7 +178,7 @@ pub enum Basis {
 /// A fitted run-time model for one group of rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimeModel {
-    coefficients: [f64; 5],
+    coefficients: [f64; TIME_FEATURES],
     /// Median and 90th percentile of actual / fitted.
     p50_ratio: f64,
     p90_ratio: f64,
@@ -183,7 +192,7 @@ impl TimeModel {
         if samples.len() < MIN_SAMPLES {
             return None;
         }
-        let rows: Vec<([f64; 5], f64)> = samples
+        let rows: Vec<([f64; TIME_FEATURES], f64)> = samples
             .iter()
             .map(|s| (Shape::of_sample(s).time_features(), run_ms(s)))
             .filter(|(_, t)| *t > 0.0)
@@ -225,6 +234,7 @@ fn prior_ms(shape: &Shape) -> f64 {
         p.attention_ms_per_unit_mp,
         p.controlnet_ms_per_unit,
         p.decode_ms_per_mp,
+        p.step_ms,
     ];
     dot(&coefficients, &shape.time_features())
 }
@@ -505,8 +515,8 @@ mod tests {
             cfg: true,
             controlnets: 0,
         };
-        let [one, u, uu, _, np] = shape.time_features();
-        40.0 * one + 300.0 * u + 50.0 * uu + 90.0 * np
+        let [one, u, uu, _, np, s] = shape.time_features();
+        40.0 * one + 300.0 * u + 50.0 * uu + 90.0 * np + 0.7 * s
     }
 
     #[test]

@@ -1,0 +1,38 @@
+"""Time the fused UNet in ONNX Runtime's Python API (IoBinding, batch 2, 1024²) and list the
+CUDA libraries the process loaded. `--torch-first` imports PyTorch before ONNX Runtime, so that
+its bundled cuDNN and cuBLAS are the ones loaded."""
+import sys
+import time
+
+import numpy as np
+
+if "--torch-first" in sys.argv:
+    import torch  # noqa: F401
+import onnxruntime as ort
+
+path = sys.argv[1]
+import json
+
+options = {"device_id": 0}
+for arg in sys.argv[2:]:
+    if arg.startswith("{"):
+        options.update(json.loads(arg))
+sess = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", options)])
+types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+dims = {"batch_size": 2, "height": 128, "width": 128, "sequence_length": 77}
+io = sess.io_binding()
+for i in sess.get_inputs():
+    shape = [d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]
+    arr = np.asarray(np.random.randn(*shape) * (999 if i.name == "timestep" else 1)).astype(types[i.type])
+    io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+io.bind_output(sess.get_outputs()[0].name, "cuda")
+for _ in range(3):
+    sess.run_with_iobinding(io)
+times = []
+for _ in range(10):
+    t = time.perf_counter()
+    sess.run_with_iobinding(io)
+    io.synchronize_outputs()
+    times.append((time.perf_counter() - t) * 1000)
+libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "cudnn" in l or "cublas" in l})
+print({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "libs": len(libs)})

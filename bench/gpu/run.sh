@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU benchmark: diffusers (eager and torch.compile) against the engine, full-size SDXL with
+# random weights, on a GPU host that has CUDA 13, PyTorch and nothing else we need (no network).
+# Everything it needs travels from a build machine in parts of at most 40 MB; see bench/README.md.
+#
+# On the build machine (repository root):
+#   bench/gpu/run.sh stage          downloads the wheels, builds the benchmark binary, splits
+#                                   the ONNX Runtime GPU wheel; prints the calls to make
+# On the GPU host (repository root; files under /root survive between the calls):
+#   bench/gpu/run.sh torch-eager    [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager,
+#                                   then the float32 ONNX export of the same weights
+#   bench/gpu/run.sh optimize       [carry .gpu-stage/ort.01] fuse the UNet to float16 while
+#                                   diffusers runs under torch.compile(mode="reduce-overhead")
+#   bench/gpu/run.sh part NN        [carry .gpu-stage/ort.NN] store one more part
+#   bench/gpu/run.sh engine         [carry .gpu-stage/bin] unpack ONNX Runtime, run the engine
+#                                   on one image under several CUDA settings
+#   bench/gpu/run.sh engine-b4      the same with four images per run (the dynamic batch)
+# Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
+set -euo pipefail
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|engine}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+out="${OUT:-$root/out}"
+work=/root/sdxl-bench
+ort_version=1.31.1
+mkdir -p "$out"
+
+stash_part() {
+  mkdir -p "$work/stage"
+  cp ".gpu-stage/ort.$1" "$work/stage/"
+  ls -la "$work/stage"
+}
+
+python_env() {
+  mkdir -p /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$work"/py/*.whl
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+}
+
+case "$cmd" in
+  stage)
+    mkdir -p .gpu-stage/py .gpu-stage/bin .gpu-stage/whl
+    grep -qx '/.gpu-stage/' .git/info/exclude 2>/dev/null || echo '/.gpu-stage/' >> .git/info/exclude
+    pip_get() {
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 -d "$1" "$2"
+    }
+    pip_get .gpu-stage/py diffusers==0.42.1
+    pip_get .gpu-stage/py numpy==2.3.5        # the UNet attention fusion needs numpy < 2.4
+    pip_get .gpu-stage/py importlib_metadata
+    pip_get .gpu-stage/py zipp
+    pip_get .gpu-stage/whl "onnxruntime-gpu==$ort_version"
+    whl=$(ls .gpu-stage/whl/onnxruntime_gpu-"$ort_version"-*.whl)
+    rm -f .gpu-stage/ort.*
+    head -c 16000000 "$whl" > .gpu-stage/ort.00
+    tail -c +16000001 "$whl" | split -b 40000000 -d -a 2 --numeric-suffixes=1 - .gpu-stage/ort.
+    sha256sum "$whl" | cut -d' ' -f1 > .gpu-stage/bin/ort.sha256
+    # The dev profile's dependencies (opt-level 2) with the crate itself at opt-level 3: shares
+    # the test build's compiled dependencies. All heavy work runs inside ONNX Runtime anyway.
+    CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --bench gpu_engine 2>&1 | tail -2
+    bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/deps/gpu_engine-* | grep -v '\.d$' | head -1)
+    strip -o .gpu-stage/bin/gpu_engine "$bin"
+    xz -T0 -6 -f .gpu-stage/bin/gpu_engine
+    ls -la .gpu-stage/py .gpu-stage/bin .gpu-stage/ort.*
+    echo "calls: torch-eager [py, ort.00]; optimize [ort.01]; part NN for each further part; engine [bin]"
+    ;;
+  torch-eager)
+    mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
+    stash_part 00
+    python_env
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv"
+    python3 bench/gpu/torch_bench.py --mode eager --out "$out" --export "$work/fp32"
+    cp "$out/torch-eager.json" "$work/"
+    ;;
+  optimize)
+    stash_part 01
+    python_env
+    python3 bench/gpu/optimize_unet.py "$work/fp32" "$work/fused" > "$out/optimize.log" 2>&1 &
+    opt=$!
+    python3 bench/gpu/torch_bench.py --mode compile --out "$out" 2>&1 | grep -v Warning || true
+    cp "$out/torch-compile.json" "$work/" || true
+    wait "$opt"; cat "$out/optimize.log"
+    tail -1 "$out/optimize.log" > "$work/optimize.json"
+    du -sh "$work"/fused/unet
+    ;;
+  part)
+    stash_part "${2:?part number}"
+    ;;
+  engine)
+    whl="$work/stage/ort.whl"
+    cat "$work"/stage/ort.[0-9]* > "$whl"
+    echo "$(cat .gpu-stage/bin/ort.sha256)  $whl" | sha256sum -c -
+    rm -rf /tmp/ortx && mkdir -p /tmp/ortx
+    python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'/tmp/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
+    xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
+    export ORT_DYLIB_PATH=/tmp/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    cp "$work"/*.json "$out/" 2>/dev/null || true
+    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-host_io,default,nhwc,cudnn_flash,graph}" "$work/gpu_engine"
+    cp "$out/engine-b1.json" "$work/"
+    ;;
+  engine-b4)
+    export ORT_DYLIB_PATH=/tmp/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    cp "$work"/*.json "$out/" 2>/dev/null || true
+    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b4.json" BENCH_IMAGES=4 BENCH_RUNS=2 \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default,graph}" "$work/gpu_engine"
+    ;;
+  *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac

@@ -1,0 +1,255 @@
+//! The engine on a GPU: one SDXL text-to-image run (30 Euler steps at 1024x1024 by default)
+//! under several CUDA execution provider settings, measured one after the other in one process.
+//!
+//! ```text
+//! BENCH_MODEL=/path/to/export cargo bench --bench gpu_engine
+//! ```
+//!
+//! Environment:
+//! - `BENCH_MODEL`: the model directory (Optimum layout; the fused float16 UNet from
+//!   `onnx/export_sdxl.py --optimize` or `bench/gpu/optimize_unet.py`). Required.
+//! - `BENCH_DEVICE`: `cuda:N` (default `cuda:0`).
+//! - `BENCH_VARIANTS`: comma-separated settings to compare, each a `+`-joined list of changes
+//!   from the defaults of [`CudaOptions`]: `default`, `host_io` (no device binding), `nhwc`,
+//!   `graph` (CUDA graph), `flash`, `efficient`, `cudnn_flash`, `math` (attention kernel),
+//!   `heuristic` (convolution search), `pow2_arena`. Default: `host_io,default,nhwc,graph`.
+//! - `BENCH_IMAGES`: images per run (default 1; 4 is the dynamic batch).
+//! - `BENCH_STEPS` (default 30), `BENCH_SIZE` (default 1024), `BENCH_RUNS` (default 3).
+//! - `BENCH_OUT`: where to write the JSON report (default: stdout only).
+//!
+//! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
+//! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, and inside
+//! ONNX Runtime), text encoding, VAE decoding, GPU busy ratio (NVML utilization sampled every
+//! 20 ms during the runs) and GPU memory in use after the runs.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::Nvml;
+use sdxl_worker::engine::cuda::{AttentionKernel, ConvSearch, CudaOptions};
+use sdxl_worker::engine::{
+    Device, Engine, EngineOptions, GenerateRequest, SchedulerKind, SchedulerOverrides, StageTimings,
+};
+use serde_json::{json, Value};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn variant(spec: &str) -> Result<CudaOptions, String> {
+    let mut o = CudaOptions::default();
+    for part in spec.split('+').map(str::trim) {
+        match part {
+            "default" => {}
+            "host_io" => o.io_binding = false,
+            "nhwc" => o.prefer_nhwc = true,
+            "graph" => o.graph = true,
+            "heuristic" => o.conv_search = ConvSearch::Heuristic,
+            "pow2_arena" => o.arena_same_as_requested = false,
+            other => o.attention = other.parse::<AttentionKernel>()?,
+        }
+    }
+    Ok(o)
+}
+
+/// Samples the GPU's utilization while a run goes on.
+struct BusySampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<u32>>,
+}
+
+impl BusySampler {
+    fn start(nvml: Option<Arc<Nvml>>, index: u32) -> Option<Self> {
+        let nvml = nvml?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let Ok(device) = nvml.device_by_index(index) else {
+                return samples;
+            };
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(u) = device.utilization_rates() {
+                    samples.push(u.gpu);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        Some(Self { stop, handle })
+    }
+
+    fn finish(self) -> Option<f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self.handle.join().ok()?;
+        (!samples.is_empty())
+            .then(|| samples.iter().map(|&s| f64::from(s)).sum::<f64>() / samples.len() as f64)
+    }
+}
+
+fn request(images: u32, steps: u32, size: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+            .into(),
+        prompt_2: None,
+        negative_prompt: Some("blurry, low quality".into()),
+        negative_prompt_2: None,
+        width: size,
+        height: size,
+        steps,
+        guidance_scale: 5.0,
+        guidance_rescale: 0.0,
+        scheduler: SchedulerKind::Euler,
+        scheduler_overrides: SchedulerOverrides::default(),
+        seed: 1,
+        num_images: images,
+        original_size: None,
+        crops_coords_top_left: (0, 0),
+        target_size: None,
+        initial_latents: None,
+        controls: Default::default(),
+    }
+}
+
+fn run_variant(
+    model: &PathBuf,
+    device: Device,
+    spec: &str,
+    request: &GenerateRequest,
+    runs: usize,
+    nvml: Option<Arc<Nvml>>,
+) -> Result<Value, String> {
+    let cuda = variant(spec)?;
+    let index = match device {
+        Device::Cuda { index } => index,
+        Device::Cpu => 0,
+    };
+    let used = |nvml: &Option<Arc<Nvml>>| {
+        nvml.as_ref()
+            .and_then(|n| n.device_by_index(index).ok())
+            .and_then(|d| d.memory_info().ok())
+            .map(|m| m.used as f64 / f64::from(1u32 << 20))
+    };
+    let before = used(&nvml);
+    let options = EngineOptions {
+        device,
+        cuda,
+        ..EngineOptions::default()
+    };
+    let started = Instant::now();
+    let engine = Engine::load(model, &options).map_err(|e| format!("load: {e}"))?;
+    let load = started.elapsed();
+    let go = || -> Result<(Duration, StageTimings), String> {
+        let started = Instant::now();
+        let out = engine
+            .generate(request, &mut |_| ControlFlow::Continue(()))
+            .map_err(|e| format!("generate: {e}"))?;
+        Ok((started.elapsed(), out.timings))
+    };
+    let (first, _) = go()?;
+    let sampler = BusySampler::start(nvml.clone(), index);
+    let mut all = Vec::new();
+    for _ in 0..runs {
+        all.push(go()?);
+    }
+    let busy = sampler.and_then(BusySampler::finish);
+    let after = used(&nvml);
+    let walls: Vec<Duration> = all.iter().map(|(w, _)| *w).collect();
+    let steps_wall: Vec<Duration> = all
+        .iter()
+        .flat_map(|(_, t)| t.per_step.iter().copied())
+        .collect();
+    let steps_run: Vec<Duration> = all
+        .iter()
+        .flat_map(|(_, t)| t.per_step_session_run.iter().copied())
+        .collect();
+    let stage = |f: fn(&StageTimings) -> Duration| median(all.iter().map(|(_, t)| f(t)).collect());
+    let wall = median(walls.clone());
+    let step = median(steps_wall);
+    let vae = stage(|t| t.vae_decode);
+    let bound = 1.10 * (f64::from(request.steps) * ms(step) + ms(vae));
+    Ok(json!({
+        "variant": spec,
+        "cuda": cuda,
+        "images": request.num_images,
+        "steps": request.steps,
+        "size": request.width,
+        "load_s": load.as_secs_f64(),
+        "first_run_s": first.as_secs_f64(),
+        "run_s": wall.as_secs_f64(),
+        "runs_s": walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        "images_per_s": f64::from(request.num_images) / wall.as_secs_f64(),
+        "unet_step_ms": ms(step),
+        "unet_step_session_run_ms": ms(median(steps_run)),
+        "text_encoding_ms": ms(stage(|t| t.text_encoding)),
+        "denoising_ms": ms(stage(|t| t.denoising)),
+        "vae_decode_ms": ms(vae),
+        "target_1_10_x_parts_ms": bound,
+        "within_1_10_x_parts": ms(wall) <= bound,
+        "gpu_busy_percent": busy,
+        "gpu_memory_used_mib": after,
+        "gpu_memory_before_load_mib": before,
+    }))
+}
+
+fn main() {
+    let Some(model) = std::env::var_os("BENCH_MODEL").map(PathBuf::from) else {
+        eprintln!(
+            "BENCH_MODEL (a model directory) is required; see the header of benches/gpu_engine.rs"
+        );
+        std::process::exit(2);
+    };
+    let device: Device = std::env::var("BENCH_DEVICE")
+        .unwrap_or_else(|_| "cuda:0".into())
+        .parse()
+        .unwrap_or_else(|e| {
+            eprintln!("BENCH_DEVICE: {e}");
+            std::process::exit(2)
+        });
+    let variants =
+        std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "host_io,default,nhwc,graph".into());
+    let request = request(
+        env_or("BENCH_IMAGES", 1),
+        env_or("BENCH_STEPS", 30),
+        env_or("BENCH_SIZE", 1024),
+    );
+    let runs = env_or("BENCH_RUNS", 3usize).max(1);
+    let nvml = sdxl_worker::worker::devices::nvml();
+    let mut results = Vec::new();
+    for spec in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let result = match run_variant(&model, device, spec, &request, runs, nvml.clone()) {
+            Ok(v) => v,
+            Err(e) => json!({ "variant": spec, "error": e }),
+        };
+        println!("{result}");
+        results.push(result);
+    }
+    let report = json!({
+        "model": model,
+        "device": device.to_string(),
+        "gpu": nvml.as_ref().and_then(|n| n.device_by_index(0).ok()).and_then(|d| d.name().ok()),
+        "onnxruntime": sdxl_worker::engine::runtime::ORT_VERSION,
+        "results": results,
+    });
+    if let Ok(path) = std::env::var("BENCH_OUT") {
+        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()) {
+            eprintln!("writing {path}: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! One UNet evaluation per denoising step, in one of two ways:
+//!
+//! - **Host**: every step hands ONNX Runtime host tensors (the CPU provider, ControlNet runs, or
+//!   CUDA with [`CudaOptions::io_binding`](super::cuda::CudaOptions) off).
+//! - **Device**: on CUDA, the step's inputs live in device buffers bound once to the session.
+//!   The text conditioning is copied to the device once per run; each step copies only the
+//!   latent batch and the timestep in and the prediction out. With CUDA graphs on, the buffers
+//!   belong to a static-shape UNet session per (batch, height, width, sequence) kept by the
+//!   engine, because a captured graph replays against the addresses it was captured with.
+//!
+//! [`EngineOptions::bind_io_on_cpu`](super::EngineOptions) runs the device path (and, with
+//! `cuda.graph`, the static-shape sessions without graph capture) on the CPU provider, so that
+//! it can be checked against the host path on machines without a GPU.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, SessionInputValue};
+use ort::value::{DynTensor, DynTensorValueType, DynValue};
+
+use super::model::{TimestepInput, Unet};
+use super::session::Component;
+use super::{tensor, Device, Engine, EngineError};
+
+const UNET: &str = "UNet";
+
+fn unet_err(source: ort::Error) -> EngineError {
+    EngineError::Inference {
+        stage: UNET,
+        source,
+    }
+}
+
+/// The shape a static UNet session (and its CUDA graph) is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GraphShape {
+    pub rows: usize,
+    pub latent_h: usize,
+    pub latent_w: usize,
+    pub seq: usize,
+}
+
+/// Device buffers bound to a UNet session.
+struct Bound {
+    binding: IoBinding,
+    sample: DynTensor,
+    timestep: DynTensor,
+    hidden: DynTensor,
+    text_embeds: DynTensor,
+    time_ids: DynTensor,
+    /// Inputs that stay the same for the whole run besides the conditioning (the zero
+    /// ControlNet residuals of a residual UNet run without ControlNets).
+    constants: Vec<DynTensor>,
+    out: DynTensor,
+    // Dropped after the tensors it allocated.
+    _allocator: Allocator,
+}
+
+/// A static-shape UNet session with its buffers, for CUDA graph replay.
+struct GraphUnet {
+    shape: GraphShape,
+    bound: Bound,
+    // Dropped last: the buffers and binding refer to it.
+    component: Arc<Component>,
+}
+
+/// The engine's static-shape UNet sessions (CUDA graphs), most recently used last.
+#[derive(Default)]
+pub struct GraphSessions {
+    sessions: Mutex<Vec<GraphUnet>>,
+}
+
+impl std::fmt::Debug for GraphSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shapes: Vec<GraphShape> = self
+            .sessions
+            .lock()
+            .map(|s| s.iter().map(|g| g.shape).collect())
+            .unwrap_or_default();
+        f.debug_struct("GraphSessions")
+            .field("shapes", &shapes)
+            .finish()
+    }
+}
+
+/// The text conditioning and micro-conditioning of a run, as host values, and any other input
+/// that stays the same for every step.
+pub(super) struct UnetConditioning<'a> {
+    pub encoder_hidden_states: &'a DynValue,
+    pub text_embeds: &'a DynValue,
+    pub time_ids: &'a DynValue,
+    pub constants: Vec<(&'a str, &'a DynValue)>,
+}
+
+/// What one step returns: the prediction as `f32` and the time inside ONNX Runtime.
+pub(super) struct StepOutput {
+    pub out: Vec<f32>,
+    pub session_time: Duration,
+}
+
+enum Mode<'e> {
+    Host,
+    Device(Box<Bound>),
+    Graph(MutexGuard<'e, Vec<GraphUnet>>),
+}
+
+/// Runs the UNet for the steps of one denoising loop.
+pub(super) struct UnetRunner<'e> {
+    unet: &'e Unet,
+    conditioning: UnetConditioning<'e>,
+    sample_shape: [i64; 4],
+    rows: usize,
+    mode: Mode<'e>,
+}
+
+fn device_info(device_id: i32) -> ort::Result<MemoryInfo<'static>> {
+    // A negative id stands for the CPU (see `EngineOptions::bind_io_on_cpu`).
+    if device_id < 0 {
+        return MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        );
+    }
+    MemoryInfo::new(
+        AllocationDevice::CUDA,
+        device_id,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+}
+
+/// Copy a host value into a device buffer of the same type and shape.
+fn upload(host: &DynValue, device: &mut DynTensor) -> ort::Result<()> {
+    let host = host.view().downcast::<DynTensorValueType>()?;
+    host.copy_into(device)
+}
+
+fn timestep_host(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
+    super::pipeline::timestep_value(input, t, rows)
+}
+
+impl Bound {
+    /// Allocate device buffers on `component`'s session for `shape` and bind them.
+    fn new(
+        component: &Component,
+        unet: &Unet,
+        device_id: i32,
+        sample_shape: [i64; 4],
+        rows: usize,
+        conditioning: &UnetConditioning<'_>,
+    ) -> ort::Result<Self> {
+        component.with_session(|session| {
+            let allocator = Allocator::new(session, device_info(device_id)?)?;
+            let like = |v: &DynValue| -> ort::Result<DynTensor> {
+                let shape: Vec<i64> = v.shape().to_vec();
+                DynTensor::new(&allocator, *v.data_type(), shape)
+            };
+            let timestep_template = timestep_host(&unet.timestep, 0.0, rows)?;
+            let sample = DynTensor::new(&allocator, unet.sample.elem, sample_shape.to_vec())?;
+            let timestep = like(&timestep_template)?;
+            let hidden = like(conditioning.encoder_hidden_states)?;
+            let text_embeds = like(conditioning.text_embeds)?;
+            let time_ids = like(conditioning.time_ids)?;
+            let constants = conditioning
+                .constants
+                .iter()
+                .map(|(_, v)| like(v))
+                .collect::<ort::Result<Vec<_>>>()?;
+            let out = DynTensor::new(&allocator, unet.sample.elem, sample_shape.to_vec())?;
+            let mut binding = session.create_binding()?;
+            binding.bind_input("sample", &sample)?;
+            binding.bind_input("timestep", &timestep)?;
+            binding.bind_input("encoder_hidden_states", &hidden)?;
+            binding.bind_input("text_embeds", &text_embeds)?;
+            binding.bind_input("time_ids", &time_ids)?;
+            for ((name, _), tensor) in conditioning.constants.iter().zip(&constants) {
+                binding.bind_input(*name, tensor)?;
+            }
+            let mut bound = Self {
+                binding,
+                sample,
+                timestep,
+                hidden,
+                text_embeds,
+                time_ids,
+                constants,
+                out,
+                _allocator: allocator,
+            };
+            bound.binding.bind_output("out_sample", &mut bound.out)?;
+            Ok(bound)
+        })
+    }
+
+    fn upload_conditioning(&mut self, conditioning: &UnetConditioning<'_>) -> ort::Result<()> {
+        upload(conditioning.encoder_hidden_states, &mut self.hidden)?;
+        upload(conditioning.text_embeds, &mut self.text_embeds)?;
+        upload(conditioning.time_ids, &mut self.time_ids)?;
+        for ((_, host), device) in conditioning.constants.iter().zip(&mut self.constants) {
+            upload(host, device)?;
+        }
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        component: &Component,
+        unet: &Unet,
+        sample: &DynValue,
+        t: f64,
+        rows: usize,
+    ) -> Result<StepOutput, EngineError> {
+        upload(sample, &mut self.sample).map_err(unet_err)?;
+        let timestep = timestep_host(&unet.timestep, t, rows).map_err(unet_err)?;
+        upload(&timestep, &mut self.timestep).map_err(unet_err)?;
+        let started = Instant::now();
+        component
+            .with_session(|session| session.run_binding(&self.binding).map(drop))
+            .map_err(unet_err)?;
+        let session_time = started.elapsed();
+        let host = self.out.to(AllocationDevice::CPU, 0).map_err(unet_err)?;
+        let out = tensor::to_f32(&host.into_dyn()).map_err(unet_err)?.data;
+        Ok(StepOutput { out, session_time })
+    }
+}
+
+impl<'e> UnetRunner<'e> {
+    /// Set up the UNet for a run of `rows` batch rows of latents `[channels, h, w]`.
+    /// `host_only` forces the host path (ControlNet residuals are passed as host inputs).
+    pub(super) fn new(
+        engine: &'e Engine,
+        conditioning: UnetConditioning<'e>,
+        sample_shape: [i64; 4],
+        host_only: bool,
+    ) -> Result<Self, EngineError> {
+        let unet = &engine.model.unet;
+        let rows = sample_shape[0] as usize;
+        let cuda = engine.options.cuda;
+        let device_id = match engine.options.device {
+            Device::Cuda { index } if cuda.io_binding && !host_only => {
+                i32::try_from(index).unwrap_or(0)
+            }
+            Device::Cpu if engine.options.bind_io_on_cpu && !host_only => -1,
+            _ => {
+                return Ok(Self {
+                    unet,
+                    conditioning,
+                    sample_shape,
+                    rows,
+                    mode: Mode::Host,
+                })
+            }
+        };
+        let seq = conditioning
+            .encoder_hidden_states
+            .shape()
+            .get(1)
+            .copied()
+            .unwrap_or(0) as usize;
+        let shape = GraphShape {
+            rows,
+            latent_h: sample_shape[2] as usize,
+            latent_w: sample_shape[3] as usize,
+            seq,
+        };
+        let mode = if cuda.graph {
+            match engine.graph_unet(shape, &conditioning, sample_shape)? {
+                Some(guard) => Mode::Graph(guard),
+                None => Mode::Device(Box::new(
+                    Bound::new(
+                        &unet.component,
+                        unet,
+                        device_id,
+                        sample_shape,
+                        rows,
+                        &conditioning,
+                    )
+                    .map_err(unet_err)?,
+                )),
+            }
+        } else {
+            Mode::Device(Box::new(
+                Bound::new(
+                    &unet.component,
+                    unet,
+                    device_id,
+                    sample_shape,
+                    rows,
+                    &conditioning,
+                )
+                .map_err(unet_err)?,
+            ))
+        };
+        let mut runner = Self {
+            unet,
+            conditioning,
+            sample_shape,
+            rows,
+            mode,
+        };
+        runner.upload_conditioning()?;
+        Ok(runner)
+    }
+
+    fn upload_conditioning(&mut self) -> Result<(), EngineError> {
+        let conditioning = &self.conditioning;
+        match &mut self.mode {
+            Mode::Host => Ok(()),
+            Mode::Device(bound) => bound.upload_conditioning(conditioning).map_err(unet_err),
+            Mode::Graph(guard) => guard
+                .last_mut()
+                .expect("the graph session in use is the last one")
+                .bound
+                .upload_conditioning(conditioning)
+                .map_err(unet_err),
+        }
+    }
+
+    /// Evaluate the UNet on `model_input` (the scaled latent batch) at timestep `t`, with any
+    /// extra host inputs (ControlNet residuals). On the device path, `extra` is ignored: it
+    /// only runs without ControlNets, where the residual inputs are the bound constants.
+    pub(super) fn step(
+        &mut self,
+        model_input: &[f32],
+        t: f64,
+        extra: Vec<(&str, SessionInputValue<'_>)>,
+    ) -> Result<StepOutput, EngineError> {
+        let sample = tensor::float_value(self.unet.sample.elem, &self.sample_shape, model_input)
+            .map_err(unet_err)?;
+        match &mut self.mode {
+            Mode::Host => {
+                let timestep =
+                    timestep_host(&self.unet.timestep, t, self.rows).map_err(unet_err)?;
+                let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+                    ("sample", sample.into()),
+                    ("timestep", timestep.into()),
+                    (
+                        "encoder_hidden_states",
+                        self.conditioning.encoder_hidden_states.into(),
+                    ),
+                    ("text_embeds", self.conditioning.text_embeds.into()),
+                    ("time_ids", self.conditioning.time_ids.into()),
+                ];
+                inputs.extend(extra);
+                let result = self.unet.component.run(UNET, inputs, &["out_sample"])?;
+                Ok(StepOutput {
+                    out: result
+                        .outputs
+                        .into_iter()
+                        .next()
+                        .map(|o| o.data)
+                        .unwrap_or_default(),
+                    session_time: result.session_time,
+                })
+            }
+            Mode::Device(bound) => {
+                bound.step(&self.unet.component, self.unet, &sample, t, self.rows)
+            }
+            Mode::Graph(guard) => {
+                let graph = guard
+                    .last_mut()
+                    .expect("the graph session in use is the last one");
+                let component = Arc::clone(&graph.component);
+                graph
+                    .bound
+                    .step(&component, self.unet, &sample, t, self.rows)
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// The static-shape UNet session for `shape`, loaded (with CUDA graph capture) on first use,
+    /// moved to the end of the list and locked for the caller; `None` when the list is full of
+    /// other shapes.
+    fn graph_unet(
+        &self,
+        shape: GraphShape,
+        conditioning: &UnetConditioning<'_>,
+        sample_shape: [i64; 4],
+    ) -> Result<Option<MutexGuard<'_, Vec<GraphUnet>>>, EngineError> {
+        let mut sessions = self
+            .graph_unets
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(pos) = sessions.iter().position(|g| g.shape == shape) {
+            let g = sessions.remove(pos);
+            sessions.push(g);
+            return Ok(Some(sessions));
+        }
+        if sessions.len() >= self.options.cuda.graph_shapes.max(1) {
+            return Ok(None);
+        }
+        let device_id = match self.options.device {
+            Device::Cuda { index } => i32::try_from(index).unwrap_or(0),
+            Device::Cpu => -1,
+        };
+        let unet = &self.model.unet;
+        let dims = [
+            ("batch_size", shape.rows as i64),
+            ("height", shape.latent_h as i64),
+            ("width", shape.latent_w as i64),
+            ("sequence_length", shape.seq as i64),
+        ];
+        let mut options = self.session_options();
+        options.graph_capture = device_id >= 0;
+        let started = Instant::now();
+        let component = Arc::new(Component::load_file_with_dims(
+            unet.component.path(),
+            &options,
+            &dims,
+        )?);
+        let bound = Bound::new(
+            &component,
+            unet,
+            device_id,
+            sample_shape,
+            shape.rows,
+            conditioning,
+        )
+        .map_err(unet_err)?;
+        tracing::info!(
+            ?shape,
+            load_ms = started.elapsed().as_millis() as u64,
+            "static-shape UNet session loaded for CUDA graph capture"
+        );
+        sessions.push(GraphUnet {
+            shape,
+            bound,
+            component,
+        });
+        Ok(Some(sessions))
+    }
+}

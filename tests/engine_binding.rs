@@ -1,0 +1,139 @@
+//! The UNet's device-binding path (inputs and outputs bound once per run, as on CUDA) and the
+//! static-shape sessions used for CUDA graphs compute exactly what the plain path computes.
+//! Run on the CPU provider through `EngineOptions::bind_io_on_cpu`, so no GPU is needed.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use sdxl_worker::engine::cuda::CudaOptions;
+use sdxl_worker::engine::{
+    Device, Engine, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
+};
+
+fn engine(bind: bool, graph: bool, graph_shapes: usize) -> Engine {
+    let options = EngineOptions {
+        device: common::test_device(),
+        intra_threads: Some(1),
+        bind_io_on_cpu: bind,
+        cuda: CudaOptions {
+            io_binding: bind,
+            graph,
+            graph_shapes,
+            ..CudaOptions::default()
+        },
+        ..EngineOptions::default()
+    };
+    Engine::load(common::tiny_model_dir(), &options).expect("load the tiny pipeline")
+}
+
+fn run(engine: &Engine, request: &GenerateRequest) -> GenerateOutput {
+    engine
+        .generate(request, &mut |_| ControlFlow::Continue(()))
+        .expect("generate")
+}
+
+fn requests() -> Vec<GenerateRequest> {
+    let base = common::basic_request();
+    vec![
+        base.clone(),
+        // Another prompt and seed at the same shape: the bound conditioning must be replaced.
+        GenerateRequest {
+            prompt: "a watercolor of a lighthouse at dusk".into(),
+            negative_prompt: None,
+            seed: 11,
+            scheduler: SchedulerKind::EulerA,
+            ..base.clone()
+        },
+        // Another shape (two images, so four UNet rows, and a wider latent).
+        GenerateRequest {
+            width: 80,
+            num_images: 2,
+            seed: 3,
+            ..base.clone()
+        },
+        // No guidance: half the rows.
+        GenerateRequest {
+            guidance_scale: 1.0,
+            seed: 5,
+            ..base
+        },
+    ]
+}
+
+/// `exact`: bit-for-bit (the same session, on the CPU). Otherwise within float rounding: a
+/// static-shape session is optimized differently by ONNX Runtime (shape computations folded,
+/// other kernels), and on a GPU separately built sessions may pick other cuDNN algorithms.
+fn assert_same(expected: &GenerateOutput, actual: &GenerateOutput, exact: bool, what: &str) {
+    assert_eq!(expected.latents.len(), actual.latents.len());
+    assert_eq!(expected.images.len(), actual.images.len());
+    if exact && common::test_device() == Device::Cpu {
+        assert!(
+            expected.latents == actual.latents,
+            "{what}: final latents differ"
+        );
+        for (e, a) in expected.images.iter().zip(&actual.images) {
+            assert!(e.rgb == a.rgb, "{what}: image {} differs", e.index);
+        }
+        return;
+    }
+    let worst = expected
+        .latents
+        .iter()
+        .zip(&actual.latents)
+        .map(|(e, a)| (e - a).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "{what}: final latents differ by {worst}");
+    for (e, a) in expected.images.iter().zip(&actual.images) {
+        let levels = e
+            .rgb
+            .iter()
+            .zip(&a.rgb)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0);
+        assert!(
+            levels <= 1,
+            "{what}: image {} differs by {levels} levels",
+            e.index
+        );
+    }
+}
+
+#[test]
+fn bound_buffers_and_static_shape_sessions_compute_what_the_plain_path_computes() {
+    let plain = engine(false, false, 0);
+    let bound = engine(true, false, 0);
+    // One static shape only: the first shape gets a static session, later shapes fall back.
+    let static_one = engine(true, true, 1);
+    let static_many = engine(true, true, 4);
+    for (i, request) in requests().iter().enumerate() {
+        let expected = run(&plain, request);
+        assert_same(
+            &expected,
+            &run(&bound, request),
+            true,
+            &format!("bound, request {i}"),
+        );
+        assert_same(
+            &expected,
+            &run(&static_one, request),
+            false,
+            &format!("one static shape, request {i}"),
+        );
+        assert_same(
+            &expected,
+            &run(&static_many, request),
+            false,
+            &format!("static shapes, request {i}"),
+        );
+    }
+    // Back to the first shape after others: its buffers are reused with new conditioning.
+    let again = requests().remove(1);
+    assert_same(
+        &run(&plain, &again),
+        &run(&static_many, &again),
+        false,
+        "static shape reused",
+    );
+}
