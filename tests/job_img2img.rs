@@ -149,7 +149,10 @@ fn each_invalid_combination_has_its_code() {
             json!({ "init_image": "uploads/a.png" }),
             pair("init_image", "wrong_type"),
         ),
-        (json!({ "init_image": {} }), pair("init_image", "image_source")),
+        (
+            json!({ "init_image": {} }),
+            pair("init_image", "image_source"),
+        ),
         (
             json!({ "init_image": { "image_key": "a.png", "image_base64": b64(b"x") } }),
             pair("init_image", "image_source"),

@@ -115,7 +115,12 @@ fn signal(pid: u32, name: &str) {
 /// `models reload` as an operator runs it: it signals the pid in `worker.pid_file`.
 fn reload(config_file: &Path) {
     let output = Command::new(env!("CARGO_BIN_EXE_sdxl-worker"))
-        .args(["--config", config_file.to_str().unwrap(), "models", "reload"])
+        .args([
+            "--config",
+            config_file.to_str().unwrap(),
+            "models",
+            "reload",
+        ])
         .env_remove("SDXL_CONFIG")
         .env("SDXL_LOG_LEVEL", "warn")
         .output()
@@ -127,7 +132,13 @@ fn reload(config_file: &Path) {
     );
 }
 
-fn write_config(file: &Path, pid_file: &Path, default: &str, models: &[(&str, &Path)], extra: &str) {
+fn write_config(
+    file: &Path,
+    pid_file: &Path,
+    default: &str,
+    models: &[(&str, &Path)],
+    extra: &str,
+) {
     let mut text = format!(
         "[worker]\npid_file = {:?}\n\n{extra}\n[models]\ndefault = {default:?}\n\n[models.available]\n",
         pid_file.display().to_string()
@@ -211,7 +222,10 @@ fn direct(row: &JobRow, model_dir: &Path, stack: &Stack) -> Vec<u8> {
     };
     let engine = Engine::load(model_dir, &options).unwrap();
     let output = engine
-        .generate(&valid.generate_request(), &mut |_| ControlFlow::Continue(()))
+        .generate(
+            &valid.generate_request(),
+            &mut |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     output.images[0].rgb.clone()
 }
@@ -221,7 +235,11 @@ async fn models_are_added_replaced_and_removed_by_a_reload_of_the_same_worker() 
     let stack = Stack::new("reload", StorageKind::Local).await;
     let storage = Storage::from_config(&stack.config.storage).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, a2) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("a2"));
+    let (a, b, a2) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("a2"),
+    );
     copy_dir(&support::tiny_model_dir(), &a);
     copy_dir(&support::tiny_model_dir(), &b);
     copy_dir(&support::tiny_model_dir(), &a2);
@@ -273,12 +291,19 @@ async fn models_are_added_replaced_and_removed_by_a_reload_of_the_same_worker() 
     );
     reload(&config);
     worker.wait_log("models reloaded", 2).await;
-    assert!(worker.count("limits.max_steps") >= 1, "the ignored key is logged");
+    assert!(
+        worker.count("limits.max_steps") >= 1,
+        "the ignored key is logged"
+    );
     let (id, mut job) = job_for("b");
     job["steps"] = 30.into();
     stack.publish(&job).await;
     let row = stack.wait_terminal(id, Duration::from_secs(120)).await;
-    assert_eq!(row.state, JobState::Succeeded, "max_steps stays as at start");
+    assert_eq!(
+        row.state,
+        JobState::Succeeded,
+        "max_steps stays as at start"
+    );
 
     // Move `a` to the replacement files: its next job loads them and matches the engine.
     write_config(&config, &pid_file, "a", &[("a", &a2), ("b", &b)], "");
@@ -287,7 +312,10 @@ async fn models_are_added_replaced_and_removed_by_a_reload_of_the_same_worker() 
     let second_a = run_job(&stack, "a").await;
     assert_eq!(second_a.state, JobState::Succeeded, "{second_a:#?}");
     let metrics = stack.db.db.get_metrics(second_a.id).await.unwrap().unwrap();
-    assert!(metrics.model_load_ms > 0.0, "a was loaded again from its new path");
+    assert!(
+        metrics.model_load_ms > 0.0,
+        "a was loaded again from its new path"
+    );
     let before = pixels(&storage, &first_a).await;
     let after = pixels(&storage, &second_a).await;
     assert_ne!(before, after, "the new scheduler settings are in use");
@@ -298,7 +326,9 @@ async fn models_are_added_replaced_and_removed_by_a_reload_of_the_same_worker() 
     write_config(&config, &pid_file, "b", &[("b", &b)], "");
     reload(&config);
     worker.wait_log("models reloaded", 4).await;
-    worker.wait_log("model no longer configured: evicted", 1).await;
+    worker
+        .wait_log("model no longer configured: evicted", 1)
+        .await;
     assert_unknown_model(&run_job(&stack, "a").await);
     assert_eq!(run_job(&stack, "b").await.state, JobState::Succeeded);
     assert_eq!(worker.child.id(), pid);

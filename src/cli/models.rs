@@ -45,7 +45,8 @@ pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<ExitCode> {
                     read_pid(path)?
                 }
             };
-            let target = Pid::from_raw(pid).with_context(|| format!("{pid} is not a process id"))?;
+            let target =
+                Pid::from_raw(pid).with_context(|| format!("{pid} is not a process id"))?;
             kill_process(target, Signal::HUP)
                 .with_context(|| format!("cannot signal process {pid}"))?;
             println!("sent SIGHUP to process {pid}: it reloads [models] from its configuration");
@@ -55,8 +56,12 @@ pub async fn run(config: Config, args: ModelsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn read_pid(path: &Path) -> anyhow::Result<i32> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the pid file {} (is the worker running?)", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the pid file {} (is the worker running?)",
+            path.display()
+        )
+    })?;
     text.trim()
         .parse()
         .with_context(|| format!("{} does not hold a process id", path.display()))

@@ -259,7 +259,13 @@ fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNe
             None
         }
     };
-    let fields = check_source(&e.path, e.obj, config, codes_cn::IMAGE_TOO_LARGE, &mut *e.errors);
+    let fields = check_source(
+        &e.path,
+        e.obj,
+        config,
+        codes_cn::IMAGE_TOO_LARGE,
+        &mut *e.errors,
+    );
     let (image_key, image_url, image_base64) =
         (fields.image_key, fields.image_url, fields.image_base64);
     let scale = e.number(

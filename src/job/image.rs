@@ -341,7 +341,10 @@ pub(super) fn check_img2img(
         ));
     }
     let resolved = strength.unwrap_or(DEFAULT_STRENGTH);
-    if let (Some(steps), true) = (fields.steps, fields.strength.is_none() || strength.is_some()) {
+    if let (Some(steps), true) = (
+        fields.steps,
+        fields.strength.is_none() || strength.is_some(),
+    ) {
         if crate::engine::img2img::steps_run(steps, resolved) == 0 {
             errors.push(FieldError::new(
                 "strength",
@@ -374,8 +377,7 @@ mod tests {
     fn one_source_is_required() {
         let config = ControlNetConfig::default();
         let obj: Map<String, Value> =
-            serde_json::from_str(r#"{"image_key": "a.png", "image_base64": "aGVsbG8="}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"image_key": "a.png", "image_base64": "aGVsbG8="}"#).unwrap();
         let mut errors = Vec::new();
         check_source("init_image", &obj, &config, "x", &mut errors);
         assert_eq!(errors.len(), 1);

@@ -149,4 +149,3 @@ pub async fn load_inputs(
     }
     Ok(out)
 }
-

@@ -262,7 +262,6 @@ pub fn decode(
     Err(unreadable("the image is neither PNG nor JPEG".to_owned()))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +292,10 @@ mod tests {
     #[test]
     fn too_many_pixels_and_garbage_have_their_codes() {
         let big = png_bytes(4, 4, png::ColorType::Grayscale, &[0; 16]);
-        assert_eq!(decode(&big, 15, C).unwrap_err().0, codes_cn::IMAGE_TOO_LARGE);
+        assert_eq!(
+            decode(&big, 15, C).unwrap_err().0,
+            codes_cn::IMAGE_TOO_LARGE
+        );
         assert_eq!(
             decode(b"GIF89a....", 100, C).unwrap_err().0,
             codes_cn::IMAGE_UNREADABLE

@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::control;
-use super::image_input;
 use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
+use super::image_input;
 use super::result_cache;
 use super::run::{self, RunOutcome, StopReason};
 use super::settle::{settle, Disposition};
@@ -149,7 +149,11 @@ async fn execute(
             Ok(img2img) => request.controls.img2img = Some(img2img),
             Err(err) if err.retryable => {
                 let (code, message) = (err.code, format!("init_image: {err}"));
-                return Disposition::retry(id, Some(attempt), WorkerError::Engine { code, message });
+                return Disposition::retry(
+                    id,
+                    Some(attempt),
+                    WorkerError::Engine { code, message },
+                );
             }
             Err(err) => {
                 let errors = [FieldError::new("init_image", err.code, err.to_string())];
