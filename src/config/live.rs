@@ -177,10 +177,12 @@ mod tests {
 
     #[test]
     fn a_reload_reports_models_and_keys_that_need_a_restart() {
-        let mut running = Config::default();
-        running.models = ModelsConfig {
-            default: "a".to_owned(),
-            models: vec![entry("a", "/m/a"), entry("b", "/m/b")],
+        let running = Config {
+            models: ModelsConfig {
+                default: "a".to_owned(),
+                models: vec![entry("a", "/m/a"), entry("b", "/m/b")],
+            },
+            ..Config::default()
         };
         let live = LiveModels::new(running.models.clone());
         let mut receiver = live.subscribe();

@@ -47,7 +47,7 @@ pub struct EngineJob {
 
 enum Command {
     Run {
-        job: EngineJob,
+        job: Box<EngineJob>,
         reply: oneshot::Sender<Result<EngineRun, EngineFailure>>,
     },
     /// Drop every loaded model (and its ControlNets) that is not one of these.
@@ -139,7 +139,13 @@ impl EngineThread {
         let Some(sender) = &self.sender else {
             return Err(EngineFailure::ThreadGone);
         };
-        if sender.send(Command::Run { job, reply }).is_err() {
+        if sender
+            .send(Command::Run {
+                job: Box::new(job),
+                reply,
+            })
+            .is_err()
+        {
             return Err(EngineFailure::ThreadGone);
         }
         result.await.unwrap_or(Err(EngineFailure::ThreadGone))
@@ -189,12 +195,12 @@ fn engine_loop(
     let mut controlnets: Option<LoadedControlNets> = None;
     while let Ok(command) = receiver.recv() {
         let (job, reply) = match command {
-            Command::Run { job, reply } => (job, reply),
+            Command::Run { job, reply } => (*job, reply),
             Command::Retain(models) => {
                 let keep = |name: &str, path: &std::path::Path| {
                     models.iter().any(|m| m.name == name && m.path == path)
                 };
-                cache.retain(&keep);
+                cache.retain(keep);
                 controlnets.take_if(|loaded| !keep(&loaded.model, &loaded.path));
                 *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
                     cache.loaded().into_iter().map(str::to_owned).collect();
