@@ -624,6 +624,8 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "style": "watercolor" }),
         json!({ "prompt_weighting": false }),
         json!({ "cache": true }),
+        json!({ "init_image": { "image_key": "uploads/a.png" }, "strength": 0.35 }),
+        json!({ "init_image": { "image_base64": "aGVsbG8=" }, "strength": 1 }),
     ];
     let invalid = [
         json!({ "version": 2 }),
@@ -653,6 +655,10 @@ fn agreement_corpus() -> Vec<(Value, bool)> {
         json!({ "style": 3 }),
         json!({ "prompt_weighting": "yes" }),
         json!({ "cache": 1 }),
+        json!({ "init_image": { "image_key": "a.png" }, "strength": 0 }),
+        json!({ "init_image": { "image_key": "a.png" }, "strength": 1.5 }),
+        json!({ "init_image": { "image_key": "a.png", "mask_key": "m.png" } }),
+        json!({ "init_image": "a.png" }),
         json!({ "id": "7d4448409dc011d1b2455ffdce74fad2" }),
     ];
     corpus.extend(valid.into_iter().map(|p| (with(p), true)));

@@ -194,16 +194,15 @@ pub async fn capabilities(
     authenticate(&state.config.api.tokens, &headers)?;
     let workers = state.db.live_workers(state.alive_window()).await?;
     let gpus = gpus(&workers);
-    let models = state
-        .config
-        .models
+    let configured = state.models.current();
+    let models = configured
         .models
         .iter()
         .map(|m| {
             let (default_width, default_height) = m.default_size();
             ModelView {
                 name: m.name.clone(),
-                default: m.name == state.config.models.default,
+                default: m.name == configured.default,
                 default_width,
                 default_height,
                 loaded_on: gpus

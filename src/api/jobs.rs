@@ -168,7 +168,9 @@ fn with_id(body: &[u8]) -> Result<Vec<u8>, ApiError> {
 /// Validate a body as a job message (adding an id when it has none).
 pub(crate) fn validate_body(state: &ApiState, body: &[u8]) -> Result<ValidJob, ApiError> {
     let body = with_id(body)?;
-    job::parse_and_validate(&body, &state.config.limits, &state.config.models).map_err(
+    let models = state.models.current();
+    let config = &state.config;
+    job::parse_and_validate_with(&body, &config.limits, &models, &config.controlnet).map_err(
         |rejection| match rejection {
             JobRejection::Invalid { errors, .. } => ApiError::Invalid { errors },
             JobRejection::Unreadable { code, message } => ApiError::Unreadable { code, message },

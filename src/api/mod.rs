@@ -36,7 +36,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::broker::{Broker, BrokerError, Topology};
-use crate::config::Config;
+use crate::config::{Config, LiveModels};
 use crate::db::{Db, DbError};
 use crate::storage::{Storage, StorageError};
 
@@ -80,7 +80,10 @@ impl ServeError {
 
 /// What every handler shares.
 pub struct ApiState {
+    /// The configuration the server started with (its `models` are those of start).
     pub config: Config,
+    /// The models in force, replaced by a configuration reload.
+    pub models: LiveModels,
     pub db: Db,
     pub storage: Storage,
     /// Reconnected on first use after the connection was lost.
@@ -91,12 +94,22 @@ impl ApiState {
     /// Connect to Postgres (applying migrations), storage and the broker (declaring the
     /// topology, so jobs have queues to land in before any worker started).
     pub async fn connect(config: Config) -> Result<Arc<ApiState>, ServeError> {
+        let models = LiveModels::new(config.models.clone());
+        ApiState::connect_live(config, models).await
+    }
+
+    /// [`ApiState::connect`] with the models read from `models` at every request.
+    pub async fn connect_live(
+        config: Config,
+        models: LiveModels,
+    ) -> Result<Arc<ApiState>, ServeError> {
         let db = Db::connect(&config.database).await?;
         db.migrate().await?;
         let storage = Storage::from_config(&config.storage).await?;
         let broker = connect_broker(&config).await?;
         Ok(Arc::new(ApiState {
             config,
+            models,
             db,
             storage,
             broker: tokio::sync::Mutex::new(Some(Arc::new(broker))),
@@ -161,10 +174,20 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let models = LiveModels::new(config.models.clone());
+    run_live(config, models, shutdown).await
+}
+
+/// [`run`] with the models read from `models` (see [`crate::config::live`]).
+pub async fn run_live(
+    config: Config,
+    models: LiveModels,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let addr = config.api.listen.clone();
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
-    let state = ApiState::connect(config).await?;
+    let state = ApiState::connect_live(config, models).await?;
     serve(state, listener, shutdown).await
 }

@@ -71,7 +71,7 @@ pub fn document(state: &ApiState) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
     doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
     let mut schema =
-        crate::job::schema::json_schema(&state.config.limits, Some(&state.config.models));
+        crate::job::schema::json_schema(&state.config.limits, Some(&state.models.current()));
     if let Some(object) = schema.as_object_mut() {
         object.remove("$id");
         object.remove("$schema");

@@ -1,5 +1,5 @@
 //! The command line: `generate`, `migrate`, `worker`, `serve`, `submit`, `status`, `demo` and
-//! `controlnets`.
+//! `controlnets`, `models`.
 //! Each command lives in its own file; this module parses arguments, sets up logging and
 //! dispatches. Commands print results on stdout and logs on stderr.
 
@@ -16,6 +16,7 @@ pub mod controlnets;
 pub mod demo;
 pub mod generate;
 pub mod migrate;
+pub mod models;
 pub mod progress;
 pub mod serve;
 pub mod status;
@@ -55,6 +56,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Print the ControlNet types, which have a model configured and how each is preprocessed.
     Controlnets,
+    /// Manage the models of running processes (`models reload`).
+    Models(models::ModelsArgs),
 }
 
 /// Entry point of the binary.
@@ -64,8 +67,15 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
         Command::Migrate => service(file, migrate::run),
-        Command::Worker(args) => service(file, |config| worker::run(config, args)),
-        Command::Serve(args) => service(file, |config| serve::run(config, args)),
+        Command::Worker(args) => {
+            let reload_from = file.clone();
+            service(file, |config| worker::run(config, reload_from, args))
+        }
+        Command::Serve(args) => {
+            let reload_from = file.clone();
+            service(file, |config| serve::run(config, reload_from, args))
+        }
+        Command::Models(args) => service(file, |config| models::run(config, args)),
         Command::Submit(args) => service(file, |config| submit::run(config, args)),
         Command::Status(args) => service(file, |config| status::run(config, args)),
         Command::Demo(args) => service(file, |config| demo::run(config, args)),

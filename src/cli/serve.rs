@@ -1,10 +1,13 @@
-//! `sdxl-worker serve`: runs the HTTP API (see [`crate::api`]) until Ctrl-C or SIGTERM.
+//! `sdxl-worker serve`: runs the HTTP API (see [`crate::api`]) until Ctrl-C or SIGTERM;
+//! SIGHUP reloads `[models]` (see [`super::models`]).
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::config::Config;
+use std::path::PathBuf;
+
+use crate::config::{Config, LiveModels};
 
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
@@ -15,13 +18,23 @@ pub struct ServeArgs {
 }
 
 /// Run `serve`.
-pub async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    mut config: Config,
+    file: Option<PathBuf>,
+    args: ServeArgs,
+) -> anyhow::Result<ExitCode> {
     if let Some(listen) = args.listen {
         config.api.listen = listen;
     }
     tracing::info!(config = %config.redacted(), "configuration");
-    crate::api::run(config, super::worker::shutdown_signal())
-        .await
-        .context("the HTTP API stopped")?;
+    let models = LiveModels::new(config.models.clone());
+    let reloads = tokio::spawn(super::models::reload_on_hangup(
+        file,
+        config.clone(),
+        models.clone(),
+    ));
+    let result = crate::api::run_live(config, models, super::worker::shutdown_signal()).await;
+    reloads.abort();
+    result.context("the HTTP API stopped")?;
     Ok(ExitCode::SUCCESS)
 }

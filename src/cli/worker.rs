@@ -1,11 +1,14 @@
 //! `sdxl-worker worker`: runs a worker until Ctrl-C or SIGTERM, then stops taking jobs,
-//! finishes the ones in flight and exits.
+//! finishes the ones in flight and exits. SIGHUP reloads `[models]` (see [`super::models`]).
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::config::Config;
+use std::path::PathBuf;
+
+use super::models::{reload_on_hangup, PidFile};
+use crate::config::{Config, LiveModels};
 use crate::worker::{self, RunOptions};
 
 /// Arguments of `worker`.
@@ -19,16 +22,26 @@ pub struct WorkerArgs {
     pub no_intake: bool,
 }
 
-/// Run `worker`.
-pub async fn run(config: Config, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+/// Run `worker`; `file` is the configuration file it was started with, read again on SIGHUP.
+pub async fn run(
+    config: Config,
+    file: Option<PathBuf>,
+    args: WorkerArgs,
+) -> anyhow::Result<ExitCode> {
     tracing::info!(config = %config.redacted(), "configuration");
     let options = RunOptions {
         intake: !args.no_intake,
         consumers: !args.intake_only,
     };
-    worker::run_with(config, options, shutdown_signal())
-        .await
-        .context("the worker stopped")?;
+    let _pid_file = match &config.worker.pid_file {
+        Some(path) => Some(PidFile::create(path)?),
+        None => None,
+    };
+    let models = LiveModels::new(config.models.clone());
+    let reloads = tokio::spawn(reload_on_hangup(file, config.clone(), models.clone()));
+    let result = worker::run_live(config, options, models, shutdown_signal()).await;
+    reloads.abort();
+    result.context("the worker stopped")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -124,6 +124,11 @@ pub const KEYS: &[KeySpec] = &[
         "MiB of models a consumer keeps loaded (0: one model)",
     ),
     key(
+        "worker.pid_file",
+        "SDXL_WORKER_PID_FILE",
+        "file holding the worker's pid while it runs, for `models reload` (empty: none)",
+    ),
+    key(
         "worker.result_cache",
         "SDXL_WORKER_RESULT_CACHE",
         "reuse the images of identical earlier requests",
@@ -443,6 +448,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.prefetch" => s.worker.prefetch = v.int()?,
         "worker.model_cache_mb" => s.worker.model_cache_mb = v.int()?,
         "worker.result_cache" => s.worker.result_cache = v.flag()?,
+        "worker.pid_file" => s.worker.pid_file = v.optional_text()?.map(PathBuf::from),
         "worker.max_attempts" => s.worker.max_attempts = v.int()?,
         "worker.progress_interval_ms" => s.worker.progress_interval_ms = v.int()?,
         "worker.poll_interval_ms" => s.worker.poll_interval_ms = v.int()?,

@@ -11,6 +11,7 @@
 mod check;
 pub mod controlnet;
 mod keys;
+pub mod live;
 mod load;
 mod redact;
 mod types;
@@ -18,6 +19,7 @@ mod types;
 use std::path::Path;
 
 pub use keys::{KeySpec, KEYS};
+pub use live::LiveModels;
 pub use load::{ConfigError, Origin};
 pub use redact::redact_url;
 pub use types::{

@@ -238,6 +238,9 @@ pub struct WorkerConfig {
     pub lease_ms: u64,
     /// Time between two sweeps for such jobs (every worker sweeps; one at a time does).
     pub lease_sweep_interval_ms: u64,
+    /// File the worker writes its process id to while it runs (`None`: no file), for
+    /// `sdxl-worker models reload`.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -258,6 +261,7 @@ impl Default for WorkerConfig {
             result_cache: false,
             lease_ms: 60_000,
             lease_sweep_interval_ms: 15_000,
+            pid_file: None,
         }
     }
 }

@@ -109,7 +109,8 @@ impl Db {
     }
 
     /// The most recent `limit` metrics rows of succeeded jobs with their request parameters,
-    /// oldest first.
+    /// oldest first. `steps` counts the steps that ran: `⌊steps · strength⌋` for
+    /// image-to-image jobs.
     pub async fn metrics_history(&self, limit: u32) -> Result<Vec<MetricsSample>, DbError> {
         let rows = sqlx::query(
             "SELECT * FROM ( \
@@ -119,7 +120,11 @@ impl Db {
                              AND d->>'name' IS NOT NULL LIMIT 1), \
                           split_part(coalesce(j.device, 'cpu'), ':', 1)) AS gpu_kind, \
                  (j.request->>'width')::bigint AS width, (j.request->>'height')::bigint AS height, \
-                 (j.request->>'steps')::bigint AS steps, \
+                 (CASE WHEN jsonb_typeof(j.request->'init_image') = 'object' \
+                  THEN least(floor((j.request->>'steps')::float8 \
+                                   * coalesce((j.request->>'strength')::float8, 0.8)), \
+                             (j.request->>'steps')::float8)::bigint \
+                  ELSE (j.request->>'steps')::bigint END) AS steps, \
                  coalesce((j.request->>'num_images')::bigint, 1) AS num_images, \
                  coalesce((j.request->>'guidance_scale')::float8, 5.0) AS guidance_scale, \
                  coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(j.request->'controlnets') \

@@ -101,6 +101,12 @@ impl LazyVaeEncoder {
     }
 }
 
+/// How many of `steps` scheduler steps an image-to-image run takes with `strength` in (0, 1]:
+/// diffusers' `init_timestep = min(int(steps * strength), steps)`, in float64.
+pub fn steps_run(steps: u32, strength: f64) -> u32 {
+    ((f64::from(steps) * strength).floor() as u32).min(steps)
+}
+
 /// Where denoising starts: `(start index into the scheduler's timesteps, model evaluations)`.
 pub fn start_index(
     kind: SchedulerKind,
@@ -111,8 +117,7 @@ pub fn start_index(
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(EngineError::invalid("strength", "must be in (0, 1]"));
     }
-    // diffusers: init_timestep = min(int(steps * strength), steps), in float64.
-    let init = ((f64::from(steps) * strength).floor() as u32).min(steps);
+    let init = steps_run(steps, strength);
     if init == 0 {
         return Err(EngineError::invalid(
             "strength",

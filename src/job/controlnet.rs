@@ -8,10 +8,10 @@
 //! (`control_image_too_large`, `control_image_unreadable`, `control_image_unavailable`) fail
 //! the job with the entry's field path.
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::image::check_source;
 use super::{codes, FieldError};
 use crate::config::ControlNetConfig;
 use crate::engine::canny;
@@ -21,8 +21,7 @@ use crate::engine::controlnet::ControlType;
 pub const DEFAULT_CONDITIONING_SCALE: f64 = 1.0;
 /// Largest `conditioning_scale`.
 pub const MAX_CONDITIONING_SCALE: f64 = 4.0;
-/// Longest `image_key` or `image_url`.
-pub const MAX_REFERENCE_CHARS: usize = 2048;
+pub use super::image::{decode_base64, ImageSource, MAX_REFERENCE_CHARS};
 
 /// Fields of one `controlnets` entry.
 pub const FIELDS: [&str; 10] = [
@@ -46,10 +45,7 @@ pub mod codes_cn {
     pub const UNAVAILABLE: &str = "controlnet_unavailable";
     /// `preprocess` is set but nothing here can compute this type from a photo.
     pub const NO_PREPROCESSOR: &str = "preprocessor_unavailable";
-    /// `image_url` is given but the deployment does not fetch URLs.
-    pub const URL_NOT_ALLOWED: &str = "url_not_allowed";
-    /// None or several of `image_key`, `image_url`, `image_base64`.
-    pub const IMAGE_SOURCE: &str = "image_source";
+    pub use crate::job::image::codes_image::{IMAGE_SOURCE, URL_NOT_ALLOWED};
     /// The image file is larger than `controlnet.max_image_bytes`, or has too many pixels.
     pub const IMAGE_TOO_LARGE: &str = "control_image_too_large";
     /// The image is not a PNG or JPEG the worker can decode.
@@ -57,6 +53,13 @@ pub mod codes_cn {
     /// The image could not be fetched (no such key, HTTP error, timeout).
     pub const IMAGE_UNAVAILABLE: &str = "control_image_unavailable";
 }
+
+/// Codes of a control image.
+pub const CONTROL_IMAGE_CODES: super::image::ImageCodes = super::image::ImageCodes {
+    too_large: codes_cn::IMAGE_TOO_LARGE,
+    unreadable: codes_cn::IMAGE_UNREADABLE,
+    unavailable: codes_cn::IMAGE_UNAVAILABLE,
+};
 
 /// One ControlNet of a job, normalized: defaults filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,23 +83,10 @@ pub struct ControlNetSpec {
     pub canny_high_threshold: Option<u32>,
 }
 
-/// Where a control image comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageSource<'a> {
-    Key(&'a str),
-    Url(&'a str),
-    Base64(&'a str),
-}
-
 impl ControlNetSpec {
     /// The image source (validation guarantees exactly one).
     pub fn source(&self) -> Option<ImageSource<'_>> {
-        match (&self.image_key, &self.image_url, &self.image_base64) {
-            (Some(k), None, None) => Some(ImageSource::Key(k)),
-            (None, Some(u), None) => Some(ImageSource::Url(u)),
-            (None, None, Some(b)) => Some(ImageSource::Base64(b)),
-            _ => None,
-        }
+        ImageSource::of(&self.image_key, &self.image_url, &self.image_base64)
     }
 
     /// The canny thresholds to use when preprocessing.
@@ -106,13 +96,6 @@ impl ControlNetSpec {
             self.canny_high_threshold.unwrap_or(canny::DEFAULT_HIGH),
         )
     }
-}
-
-/// Decode inline base64 (standard alphabet, padding optional, white space ignored).
-pub fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let trimmed = compact.trim_end_matches('=');
-    base64::engine::general_purpose::STANDARD_NO_PAD.decode(trimmed)
 }
 
 struct Entry<'a> {
@@ -133,34 +116,6 @@ impl Entry<'_> {
 
     fn get(&self, key: &str) -> Option<&Value> {
         self.obj.get(key).filter(|v| !v.is_null())
-    }
-
-    fn text(&mut self, key: &str) -> Option<String> {
-        match self.get(key)? {
-            Value::String(s) if s.trim().is_empty() => {
-                self.push(key, codes::EMPTY, "must not be empty");
-                None
-            }
-            Value::String(s)
-                if s.chars().count() > MAX_REFERENCE_CHARS && key != "image_base64" =>
-            {
-                self.push(
-                    key,
-                    codes::TOO_LONG,
-                    format!("at most {MAX_REFERENCE_CHARS} characters"),
-                );
-                None
-            }
-            Value::String(s) if s.contains('\0') => {
-                self.push(key, codes::INVALID_VALUE, "must not contain NUL characters");
-                None
-            }
-            Value::String(s) => Some(s.clone()),
-            _ => {
-                self.push(key, codes::WRONG_TYPE, "expected a string");
-                None
-            }
-        }
     }
 
     fn number(&mut self, key: &str, min: f64, max: f64, default: f64) -> Option<f64> {
@@ -304,59 +259,15 @@ fn check_entry(e: &mut Entry<'_>, config: &ControlNetConfig) -> Option<ControlNe
             None
         }
     };
-    let image_key = e.text("image_key");
-    let image_url = e.text("image_url");
-    let image_base64 = e.text("image_base64");
-    let given = ["image_key", "image_url", "image_base64"]
-        .iter()
-        .filter(|k| e.get(k).is_some())
-        .count();
-    if given != 1 {
-        e.push(
-            "",
-            codes_cn::IMAGE_SOURCE,
-            format!("give exactly one of image_key, image_url, image_base64 ({given} given)"),
-        );
-    }
-    if let Some(key) = &image_key {
-        if key.starts_with('/') || key.split('/').any(|part| part == "..") {
-            e.push(
-                "image_key",
-                codes::INVALID_VALUE,
-                "a storage key is relative and has no `..` parts",
-            );
-        }
-    }
-    if let Some(url) = &image_url {
-        if !config.allow_image_urls {
-            e.push("image_url", codes_cn::URL_NOT_ALLOWED, "this deployment does not fetch control images by URL; use image_key or image_base64");
-        } else if !url.starts_with("https://") || url.len() <= "https://".len() {
-            e.push(
-                "image_url",
-                codes::INVALID_VALUE,
-                "only https:// URLs are fetched",
-            );
-        }
-    }
-    if let Some(data) = &image_base64 {
-        match decode_base64(data) {
-            Ok(bytes) if bytes.len() > config.max_image_bytes => e.push(
-                "image_base64",
-                codes_cn::IMAGE_TOO_LARGE,
-                format!(
-                    "{} bytes; at most {} are accepted",
-                    bytes.len(),
-                    config.max_image_bytes
-                ),
-            ),
-            Ok(_) => {}
-            Err(err) => e.push(
-                "image_base64",
-                codes::INVALID_VALUE,
-                format!("not valid base64: {err}"),
-            ),
-        }
-    }
+    let fields = check_source(
+        &e.path,
+        e.obj,
+        config,
+        codes_cn::IMAGE_TOO_LARGE,
+        &mut *e.errors,
+    );
+    let (image_key, image_url, image_base64) =
+        (fields.image_key, fields.image_url, fields.image_base64);
     let scale = e.number(
         "conditioning_scale",
         0.0,

@@ -14,8 +14,10 @@
 //! - `controlnets` entries are checked against the deployment's ControlNets
 //!   ([`parse_and_validate_with`]; see [`controlnet`]); [`parse_and_validate`] is for a
 //!   deployment without any.
+//! - `init_image` and `strength` make an image-to-image job (see [`image`] for its policies).
 
 pub mod controlnet;
+pub mod image;
 pub mod schema;
 mod validate;
 
@@ -27,6 +29,7 @@ use crate::engine::{GenerateRequest, GenerationControls, SchedulerKind, Schedule
 use crate::styles::{StyleCatalog, StyledPrompts};
 
 pub use controlnet::ControlNetSpec;
+pub use image::InitImage;
 pub use validate::{parse_and_validate, parse_and_validate_with};
 
 /// The only message version this build understands.
@@ -61,7 +64,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 26] = [
+pub const FIELDS: [&str; 28] = [
     "version",
     "id",
     "model",
@@ -88,6 +91,8 @@ pub const FIELDS: [&str; 26] = [
     "metadata",
     "controlnets",
     "guess_mode",
+    "init_image",
+    "strength",
 ];
 
 /// Fields of `scheduler_options`.
@@ -209,6 +214,12 @@ pub struct JobMessage {
     /// from 0.1 (shallow) to 1 (deep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guess_mode: Option<bool>,
+    /// Image-to-image: denoise from this image instead of pure noise (see [`image`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<InitImage>,
+    /// How much of the schedule an image-to-image job runs, in (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 /// Scheduler options without the `null` entries of options that were not given.
@@ -312,6 +323,23 @@ impl ValidJob {
     /// The normalized message as bytes, to republish so every attempt sees the same seed.
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(&self.message).unwrap_or_default()
+    }
+
+    /// The image-to-image strength, when the job has an init image.
+    pub fn img2img_strength(&self) -> Option<f64> {
+        self.message
+            .init_image
+            .as_ref()
+            .map(|_| self.message.strength.unwrap_or(image::DEFAULT_STRENGTH))
+    }
+
+    /// The denoising steps that actually run: all of `steps`, or for image-to-image
+    /// `⌊steps · strength⌋` as diffusers counts them.
+    pub fn steps_run(&self) -> u32 {
+        match self.img2img_strength() {
+            Some(strength) => crate::engine::img2img::steps_run(self.steps, strength),
+            None => self.steps,
+        }
     }
 
     /// The job's prompts with its style preset applied (unchanged without one).

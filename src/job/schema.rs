@@ -9,7 +9,9 @@
 //! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
 //! 64 bits, a prompt of only white space, NUL characters in text (Postgres cannot store them),
 //! scheduler names in another letter case, and for `controlnets`: exactly one image source,
-//! `control_guidance_start < control_guidance_end`, and which types this deployment has.
+//! `control_guidance_start < control_guidance_end`, and which types this deployment has; for
+//! `init_image`: exactly one image source, `strength` only with an init image and running at
+//! least one step, no `controlnets` or `ddim` beside it.
 
 use serde_json::{json, Value};
 
@@ -150,6 +152,14 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
                 "type": ["boolean", "null"],
                 "default": false,
                 "description": "ControlNets see only the positive prompt and their residuals are scaled from 0.1 (shallow blocks) to 1 (deep), as diffusers' guess_mode."
+            },
+            "init_image": init_image(),
+            "strength": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0.0,
+                "maximum": 1.0,
+                "default": super::image::DEFAULT_STRENGTH,
+                "description": "Image-to-image only (strength_without_init_image otherwise): the last floor(steps x strength) of the steps run, starting from the init image with noise added; 1 keeps little of the image, small values stay close to it. At least one step must run."
             }
         },
         "examples": examples()
@@ -211,6 +221,20 @@ fn controlnets() -> Value {
     })
 }
 
+fn init_image() -> Value {
+    use super::image::MAX_REFERENCE_CHARS;
+    json!({
+        "type": ["object", "null"],
+        "additionalProperties": false,
+        "description": "Image-to-image: denoise from this image (PNG or JPEG) instead of pure noise, as diffusers' StableDiffusionXLImg2ImgPipeline. Exactly one of image_key, image_url, image_base64, under the controlnet.* image settings (allow_image_urls, max_image_bytes, max_image_pixels). The output has the job's width x height (defaults included); an image of another size is resized to it with Pillow's Lanczos filter, as control images are. Not combined with controlnets or the ddim scheduler.",
+        "properties": {
+            "image_key": { "type": ["string", "null"], "minLength": 1, "maxLength": MAX_REFERENCE_CHARS, "description": "The image as a key in the deployment's storage, under its prefix." },
+            "image_url": { "type": ["string", "null"], "pattern": "^https://", "maxLength": MAX_REFERENCE_CHARS, "description": "The image as an https URL; only where controlnet.allow_image_urls is set." },
+            "image_base64": { "type": ["string", "null"], "minLength": 1, "description": "The image file inline, base64 (standard alphabet), at most controlnet.max_image_bytes once decoded." }
+        }
+    })
+}
+
 fn scheduler_options() -> Value {
     json!({
         "type": ["object", "null"],
@@ -266,7 +290,9 @@ pub fn examples() -> Vec<Value> {
             "cache": true,
             "metadata": { "customer": "acme", "tags": ["space", "portrait"] },
             "controlnets": [],
-            "guess_mode": false
+            "guess_mode": false,
+            "init_image": { "image_key": "uploads/sketch-832x1216.png" },
+            "strength": 0.6
         }),
         json!({
             "version": 1,

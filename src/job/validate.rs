@@ -347,6 +347,22 @@ impl<'a> Checker<'a> {
         let controlnets = self
             .get("controlnets")
             .and_then(|v| super::controlnet::check(v, self.controlnet, &mut self.errors));
+        let img2img = super::image::check_img2img(
+            &super::image::Img2ImgFields {
+                init_image: self.get("init_image"),
+                strength: self.get("strength"),
+                has_controlnets: self
+                    .get("controlnets")
+                    .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())),
+                ddim: scheduler == Some(SchedulerKind::Ddim),
+                steps: match self.get("steps") {
+                    None => Some(super::DEFAULT_STEPS),
+                    Some(_) => steps.map(|s| s as u32),
+                },
+            },
+            self.controlnet,
+            &mut self.errors,
+        );
         let guess_mode = match self.get("guess_mode") {
             None => None,
             Some(Value::Bool(b)) => Some(*b),
@@ -386,6 +402,7 @@ impl<'a> Checker<'a> {
             return None;
         }
         let model = model?;
+        let (init_image, strength) = img2img?;
         let scheduler = scheduler.unwrap_or(super::DEFAULT_SCHEDULER);
         let steps = steps.map_or(super::DEFAULT_STEPS, |s| s as u32);
         let seed = seed.unwrap_or_else(draw_seed);
@@ -417,6 +434,8 @@ impl<'a> Checker<'a> {
             metadata,
             guess_mode: controlnets.as_ref().map(|_| guess_mode.unwrap_or(false)),
             controlnets,
+            init_image,
+            strength,
         };
         Some(ValidJob {
             id,

@@ -3,6 +3,9 @@
 //! job's inference on its own engine thread, one job at a time. With `worker.prefetch` 2 the
 //! next job's denoising overlaps the previous job's PNG encoding, upload and result write.
 //!
+//! When the configured models change (a reload), the engine thread drops the loaded models
+//! that are no longer configured at their directory, after the job it is running.
+//!
 //! On stop it takes no new job and gives the jobs in flight `worker.shutdown_grace_ms` to
 //! finish; jobs still running then are stopped at their next step and returned to the queue.
 //! When the broker closes its work channel alone (a job outlived the consumer timeout) it
@@ -16,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::devices::GpuMemoryProbe;
-use super::engine_thread::EngineThread;
+use super::engine_thread::{EngineThread, ModelRef};
 use super::{process, Shared, WorkerError};
 use crate::broker::WorkPuller;
 use crate::engine::{runtime, Device, EngineError, EngineOptions};
@@ -106,12 +109,21 @@ impl GpuConsumer {
         let grace = Duration::from_millis(worker.shutdown_grace_ms);
         tracing::info!(device = %context.device, prefetch = worker.prefetch, "GPU consumer started");
 
+        let mut models = context.shared.models.subscribe();
         let mut tasks = JoinSet::new();
         let result = loop {
             reap(&mut tasks);
             let permit = tokio::select! {
                 biased;
                 () = super::signalled(&mut stop) => break Ok(()),
+                Ok(()) = models.changed() => {
+                    let configured = models.borrow_and_update().clone();
+                    context.engine.retain(configured.models.iter().map(|m| ModelRef {
+                        name: m.name.clone(),
+                        path: m.path.clone(),
+                    }).collect());
+                    continue;
+                }
                 permit = permits.clone().acquire_owned() => permit,
             };
             let Ok(permit) = permit else { break Ok(()) };

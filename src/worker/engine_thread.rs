@@ -45,9 +45,13 @@ pub struct EngineJob {
     pub control: Option<ControlJob>,
 }
 
-struct Command {
-    job: EngineJob,
-    reply: oneshot::Sender<Result<EngineRun, EngineFailure>>,
+enum Command {
+    Run {
+        job: Box<EngineJob>,
+        reply: oneshot::Sender<Result<EngineRun, EngineFailure>>,
+    },
+    /// Drop every loaded model (and its ControlNets) that is not one of these.
+    Retain(Vec<ModelRef>),
 }
 
 /// A finished generation.
@@ -135,10 +139,24 @@ impl EngineThread {
         let Some(sender) = &self.sender else {
             return Err(EngineFailure::ThreadGone);
         };
-        if sender.send(Command { job, reply }).is_err() {
+        if sender
+            .send(Command::Run {
+                job: Box::new(job),
+                reply,
+            })
+            .is_err()
+        {
             return Err(EngineFailure::ThreadGone);
         }
         result.await.unwrap_or(Err(EngineFailure::ThreadGone))
+    }
+
+    /// Asks the thread to drop, after the job it is running, the loaded models that are not
+    /// in `models` (removed from the configuration, or moved to another directory).
+    pub fn retain(&self, models: Vec<ModelRef>) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(Command::Retain(models));
+        }
     }
 
     /// Closes the channel and waits (off the async threads) for the thread to finish its job.
@@ -175,7 +193,20 @@ fn engine_loop(
 ) {
     let mut cache = ModelCache::new(budget);
     let mut controlnets: Option<LoadedControlNets> = None;
-    while let Ok(Command { job, reply }) = receiver.recv() {
+    while let Ok(command) = receiver.recv() {
+        let (job, reply) = match command {
+            Command::Run { job, reply } => (*job, reply),
+            Command::Retain(models) => {
+                let keep = |name: &str, path: &std::path::Path| {
+                    models.iter().any(|m| m.name == name && m.path == path)
+                };
+                cache.retain(keep);
+                controlnets.take_if(|loaded| !keep(&loaded.model, &loaded.path));
+                *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
+                    cache.loaded().into_iter().map(str::to_owned).collect();
+                continue;
+            }
+        };
         let EngineJob {
             model,
             request,

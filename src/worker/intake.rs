@@ -62,7 +62,7 @@ async fn handle(shared: &Shared, message: Incoming) {
     let outcome = match job::parse_and_validate_with(
         &message.body,
         &shared.config.limits,
-        &shared.config.models,
+        &shared.models.current(),
         &shared.config.controlnet,
     ) {
         Ok(valid) => accept(shared, &message, &valid).await,

@@ -18,6 +18,7 @@ pub mod devices;
 mod engine_thread;
 mod fault;
 mod heartbeat;
+mod image_input;
 mod intake;
 mod lease;
 pub mod model_cache;
@@ -34,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::broker::{Broker, BrokerError, Topology};
-use crate::config::{Config, DevicesSetting};
+use crate::config::{Config, DevicesSetting, LiveModels};
 use crate::db::{Db, DbError};
 use crate::engine::Device;
 use crate::storage::{Storage, StorageError};
@@ -132,7 +133,11 @@ impl Default for RunOptions {
 
 /// What every task of a worker shares.
 pub(crate) struct Shared {
+    /// The configuration the worker started with; its `models` are those of start, the ones
+    /// in force are in `models`.
     pub config: Config,
+    /// The models in force (replaced by a configuration reload).
+    pub models: LiveModels,
     pub db: Db,
     pub storage: Storage,
     pub broker: Broker,
@@ -157,6 +162,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 pub async fn run_with(
     config: Config,
     options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let models = LiveModels::new(config.models.clone());
+    run_live(config, options, models, shutdown).await
+}
+
+/// [`run_with`] with the models taken from `models` for every job, so that a configuration
+/// reload ([`crate::config::live`]) applies to new jobs: new models are accepted, removed
+/// ones fail their jobs with `unknown_model`, and each consumer drops the loaded engines of
+/// models that are gone or moved. Jobs already running finish on the model they started with.
+pub async fn run_live(
+    config: Config,
+    options: RunOptions,
+    models: LiveModels,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let worker_id = config.worker.id.clone().unwrap_or_else(default_worker_id);
@@ -187,6 +206,7 @@ pub async fn run_with(
             Ok(broker) => {
                 let shared = Arc::new(Shared {
                     config: config.clone(),
+                    models: models.clone(),
                     db: db.clone(),
                     storage: storage.clone(),
                     broker,

@@ -165,6 +165,17 @@ impl ModelCache {
         self.entries.retain(|e| !(e.name == name && e.path == path));
     }
 
+    /// Drop every model for which `keep(name, path)` is false.
+    pub fn retain(&mut self, keep: impl Fn(&str, &Path) -> bool) {
+        self.entries.retain(|e| {
+            let kept = keep(&e.name, &e.path);
+            if !kept {
+                tracing::info!(model = %e.name, bytes = e.bytes, "model no longer configured: evicted");
+            }
+            kept
+        });
+    }
+
     /// The most recently used engine (the one [`ensure_loaded`](Self::ensure_loaded) made ready).
     pub fn current(&self) -> Option<&Engine> {
         self.entries.last().map(|e| &e.engine)

@@ -3,8 +3,9 @@
 //! 1. parse the message again (this worker's models and limits decide what it can run);
 //! 2. `start_attempt`: a terminal row means a duplicate delivery (ack and skip); the attempt
 //!    number fences out any older attempt;
-//! 3. for ControlNet jobs, fetching and decoding the control images (see [`super::control`]:
-//!    an unusable image fails the job with its field, storage or network trouble retries it);
+//! 3. for ControlNet and image-to-image jobs, fetching and decoding the input images (see
+//!    [`super::image_input`]: an unusable image fails the job with its field, storage or
+//!    network trouble retries it);
 //!    then inference on the engine thread, with progress written to the row (see
 //!    [`super::run`]);
 //! 4. PNG encoding (blocking pool), upload of every image;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 use super::consumer::ConsumerContext;
 use super::control;
 use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
+use super::image_input;
 use super::result_cache;
 use super::run::{self, RunOutcome, StopReason};
 use super::settle::{settle, Disposition};
@@ -46,7 +48,7 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     let job = match job::parse_and_validate_with(
         &message.body,
         &shared.config.limits,
-        &shared.config.models,
+        &shared.models.current(),
         &shared.config.controlnet,
     ) {
         Ok(job) => job,
@@ -123,7 +125,8 @@ async fn execute(
 ) -> Disposition {
     let shared = &ctx.shared;
     let (id, attempt) = (job.id, started.attempt);
-    let Some(model) = shared.config.models.get(&job.model) else {
+    let models = shared.models.current();
+    let Some(model) = models.get(&job.model) else {
         let errors = [FieldError::new(
             "model",
             job::codes::UNKNOWN_MODEL,
@@ -138,7 +141,26 @@ async fn execute(
             return disposition;
         }
     }
-    let request = job.generate_request();
+    let mut request = job.generate_request();
+    if let (Some(init), Some(strength)) = (&job.message.init_image, job.img2img_strength()) {
+        let size = (request.width, request.height);
+        let config = &shared.config.controlnet;
+        match image_input::load_init(init, strength, size, &shared.storage, config).await {
+            Ok(img2img) => request.controls.img2img = Some(img2img),
+            Err(err) if err.retryable => {
+                let (code, message) = (err.code, format!("init_image: {err}"));
+                return Disposition::retry(
+                    id,
+                    Some(attempt),
+                    WorkerError::Engine { code, message },
+                );
+            }
+            Err(err) => {
+                let errors = [FieldError::new("init_image", err.code, err.to_string())];
+                return fail_invalid(ctx, id, Some(attempt), &errors).await;
+            }
+        }
+    }
     let model_ref = ModelRef {
         name: model.name.clone(),
         path: model.path.clone(),

@@ -9,8 +9,9 @@
 //! copied PNGs are byte for byte those of the earlier job, whose `parameters` text is the same
 //! for the same request.
 //!
-//! Jobs with ControlNets never use the cache: their control images (behind storage keys or
-//! URLs) and the ControlNet files can change without changing the request.
+//! Jobs with ControlNets or an init image never use the cache: their input images (behind
+//! storage keys or URLs) and the ControlNet files can change without changing the request, and
+//! hashing an image would mean fetching it before every lookup.
 
 use std::path::Path;
 
@@ -30,7 +31,8 @@ pub fn enabled(job: &ValidJob, deployment_default: bool) -> bool {
         .controlnets
         .as_ref()
         .is_some_and(|nets| !nets.is_empty());
-    !controlled && job.message.cache.unwrap_or(deployment_default)
+    let img2img = job.message.init_image.is_some();
+    !controlled && !img2img && job.message.cache.unwrap_or(deployment_default)
 }
 
 /// The cache key of a job run with the model at `model_path`.

@@ -5,7 +5,8 @@
 //!
 //! Run time is `total_ms − model_load_ms` of the `job_metrics` row (the job's time on its
 //! consumer with the model already loaded: text encoding, denoising, VAE, PNG, upload). With
-//! `P` the megapixels of one image (width × height / 10⁶), `S` the steps, `N` the images,
+//! `P` the megapixels of one image (width × height / 10⁶), `S` the steps that run (for
+//! image-to-image `⌊steps · strength⌋`, as diffusers, in requests and in history), `N` the images,
 //! `C` = 2 with classifier-free guidance (guidance scale above 1) else 1, and `K` the
 //! ControlNets, it is modelled as
 //!
@@ -124,7 +125,7 @@ impl Shape {
         Shape {
             width: job.width,
             height: job.height,
-            steps: job.steps,
+            steps: job.steps_run(),
             num_images: job.num_images,
             cfg: guidance > 1.0,
             controlnets: 0,
