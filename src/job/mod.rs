@@ -14,8 +14,11 @@
 //! - `controlnets` entries are checked against the deployment's ControlNets
 //!   ([`parse_and_validate_with`]; see [`controlnet`]); [`parse_and_validate`] is for a
 //!   deployment without any.
+//! - `refiner` hands the end of the schedule to the model's configured refiner (see
+//!   [`refiner`]).
 
 pub mod controlnet;
+pub mod refiner;
 pub mod schema;
 mod validate;
 
@@ -27,6 +30,7 @@ use crate::engine::{GenerateRequest, GenerationControls, SchedulerKind, Schedule
 use crate::styles::{StyleCatalog, StyledPrompts};
 
 pub use controlnet::ControlNetSpec;
+pub use refiner::RefinerSpec;
 pub use validate::{parse_and_validate, parse_and_validate_with};
 
 /// The only message version this build understands.
@@ -61,7 +65,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 26] = [
+pub const FIELDS: [&str; 27] = [
     "version",
     "id",
     "model",
@@ -88,6 +92,7 @@ pub const FIELDS: [&str; 26] = [
     "metadata",
     "controlnets",
     "guess_mode",
+    "refiner",
 ];
 
 /// Fields of `scheduler_options`.
@@ -140,6 +145,8 @@ pub mod codes {
     pub const MISSING_ID: &str = "missing_id";
     /// `id` is not a UUID in the hyphenated form.
     pub const INVALID_UUID: &str = "invalid_uuid";
+    /// The job asks for a refiner but its model has none configured.
+    pub const NO_REFINER: &str = "no_refiner";
 }
 
 /// A version 1 job message.
@@ -209,6 +216,9 @@ pub struct JobMessage {
     /// from 0.1 (shallow) to 1 (deep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guess_mode: Option<bool>,
+    /// Hand the end of the schedule to the model's refiner (see [`refiner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner: Option<RefinerSpec>,
 }
 
 /// Scheduler options without the `null` entries of options that were not given.
@@ -335,6 +345,11 @@ impl ValidJob {
                 negative_prompt_2: m.negative_prompt_2.clone(),
             },
         }
+    }
+
+    /// The base → refiner hand-off the job asks for, with defaults filled in.
+    pub fn refine(&self) -> Option<crate::engine::refiner::Refine> {
+        self.message.refiner.as_ref().map(RefinerSpec::refine)
     }
 
     /// The engine request for this job (its style, if any, applied to the prompts).

@@ -8,8 +8,10 @@
 //! A few rules cannot be written in JSON Schema and are checked only by the validator: the
 //! pixel budget (`width × height`), the size of `metadata`, `seed + num_images - 1` fitting in
 //! 64 bits, a prompt of only white space, NUL characters in text (Postgres cannot store them),
-//! scheduler names in another letter case, and for `controlnets`: exactly one image source,
-//! `control_guidance_start < control_guidance_end`, and which types this deployment has.
+//! scheduler names in another letter case, for `controlnets`: exactly one image source,
+//! `control_guidance_start < control_guidance_end`, and which types this deployment has, and
+//! for `refiner`: whether the job's model has one, and that it is not combined with
+//! `controlnets`.
 
 use serde_json::{json, Value};
 
@@ -19,6 +21,9 @@ use super::{
     MAX_PRIORITY, MAX_STEPS_OFFSET,
 };
 use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
+use crate::engine::refiner::{
+    DEFAULT_AESTHETIC_SCORE, DEFAULT_HANDOFF, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+};
 
 /// Path of the committed schema, relative to the crate root.
 pub const SCHEMA_PATH: &str = "schema/job-v1.json";
@@ -150,9 +155,42 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
                 "type": ["boolean", "null"],
                 "default": false,
                 "description": "ControlNets see only the positive prompt and their residuals are scaled from 0.1 (shallow blocks) to 1 (deep), as diffusers' guess_mode."
-            }
+            },
+            "refiner": refiner_schema()
         },
         "examples": examples()
+    })
+}
+
+fn refiner_schema() -> Value {
+    let max = super::refiner::MAX_AESTHETIC_SCORE;
+    json!({
+        "type": ["object", "null"],
+        "additionalProperties": false,
+        "description": "Quality boost: the base model runs the first part of the steps and hands its latents to the model's SDXL refiner, which runs the rest with its own scheduler and decodes the image (diffusers' denoising_end / denoising_start hand-off). {} uses the defaults; absent or null means no refiner. The model must have a refiner configured (no_refiner otherwise); not combined with controlnets.",
+        "properties": {
+            "handoff": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1,
+                "default": DEFAULT_HANDOFF,
+                "description": "Share of the steps the base runs before the refiner takes over (diffusers' denoising_end of the base and denoising_start of the refiner). A value that leaves either stage no step for the job's scheduler and steps fails the job with invalid_request."
+            },
+            "aesthetic_score": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": max,
+                "default": f64::from(DEFAULT_AESTHETIC_SCORE),
+                "description": "Aesthetic score the refiner is conditioned on (positive prompt)."
+            },
+            "negative_aesthetic_score": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": max,
+                "default": f64::from(DEFAULT_NEGATIVE_AESTHETIC_SCORE),
+                "description": "Aesthetic score of the negative conditioning."
+            }
+        }
     })
 }
 
@@ -266,7 +304,8 @@ pub fn examples() -> Vec<Value> {
             "cache": true,
             "metadata": { "customer": "acme", "tags": ["space", "portrait"] },
             "controlnets": [],
-            "guess_mode": false
+            "guess_mode": false,
+            "refiner": { "handoff": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5 }
         }),
         json!({
             "version": 1,

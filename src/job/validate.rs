@@ -119,7 +119,7 @@ pub(crate) fn parse_uuid(text: &str) -> Option<Uuid> {
     Uuid::try_parse(text).ok()
 }
 
-fn kind(value: &Value) -> &'static str {
+pub(super) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -357,6 +357,10 @@ impl<'a> Checker<'a> {
         };
 
         let model_entry = model.as_deref().and_then(|m| models.get(m));
+        let with_controlnets = controlnets.as_ref().is_some_and(|c| !c.is_empty());
+        let refiner = self.get("refiner").and_then(|v| {
+            super::refiner::check(v, model_entry, with_controlnets, &mut self.errors)
+        });
         let (default_w, default_h) = model_entry
             .map(|m| m.default_size())
             .unwrap_or((FALLBACK_SIDE, FALLBACK_SIDE));
@@ -417,6 +421,7 @@ impl<'a> Checker<'a> {
             metadata,
             guess_mode: controlnets.as_ref().map(|_| guess_mode.unwrap_or(false)),
             controlnets,
+            refiner: refiner.map(|r| r.normalized()),
         };
         Some(ValidJob {
             id,
