@@ -79,7 +79,12 @@ async fn refined_jobs_run_end_to_end_and_bad_ones_fail_clearly() {
     stack.publish(&job).await;
 
     let bad: Vec<(Value, &str, &str, &str)> = vec![
-        (json!({"model": "plain", "refiner": {}}), "refiner", "no_refiner", "invalid_request"),
+        (
+            json!({"model": "plain", "refiner": {}}),
+            "refiner",
+            "no_refiner",
+            "invalid_request",
+        ),
         (
             json!({"refiner": {"handoff": 1.0}}),
             "refiner.handoff",
@@ -118,7 +123,10 @@ async fn refined_jobs_run_end_to_end_and_bad_ones_fail_clearly() {
         "the normalized request records the hand-off"
     );
     // Euler, 10 steps: 8 base steps (901..201) then 2 refiner steps (199, 99).
-    assert_eq!((row.progress_step, row.progress_total), (Some(10), Some(10)));
+    assert_eq!(
+        (row.progress_step, row.progress_total),
+        (Some(10), Some(10))
+    );
     let metrics = stack.db.db.get_metrics(good).await.unwrap().unwrap();
     assert!(metrics.refiner_ms > 0.0, "{metrics:?}");
     assert_eq!(metrics.step_ms.len(), 10);
@@ -155,7 +163,9 @@ async fn refined_jobs_run_end_to_end_and_bad_ones_fail_clearly() {
             "expected {field}/{code} in {errors:?}"
         );
     }
-    let row = stack.wait_terminal(empty_stage, Duration::from_secs(120)).await;
+    let row = stack
+        .wait_terminal(empty_stage, Duration::from_secs(120))
+        .await;
     assert_eq!(row.state, JobState::Failed, "{row:#?}");
     assert_eq!(row.error_code.as_deref(), Some("invalid_request"));
     let message = row.error_message.unwrap_or_default();

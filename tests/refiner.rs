@@ -111,7 +111,11 @@ fn run_case(case: &Case) -> Result<(f32, String), String> {
         return Err(format!("latents differ by up to {max_diff:e}"));
     }
     if output.images.len() != case.images.len() {
-        return Err(format!("{} images, golden {}", output.images.len(), case.images.len()));
+        return Err(format!(
+            "{} images, golden {}",
+            output.images.len(),
+            case.images.len()
+        ));
     }
     let mut worst_share = 1.0f64;
     for (file, image) in case.images.iter().zip(&output.images) {
@@ -123,7 +127,10 @@ fn run_case(case: &Case) -> Result<(f32, String), String> {
             .count();
         let share = close as f64 / pixels.len() as f64;
         if share < PIXEL_SHARE {
-            return Err(format!("{file}: only {:.3}% of values within 1/255", share * 100.0));
+            return Err(format!(
+                "{file}: only {:.3}% of values within 1/255",
+                share * 100.0
+            ));
         }
         worst_share = worst_share.min(share);
     }
@@ -132,7 +139,10 @@ fn run_case(case: &Case) -> Result<(f32, String), String> {
         return Err(format!("refiner stages not timed: {t:?}"));
     }
     if t.per_step.len() != evaluations as usize {
-        return Err(format!("{} step timings for {evaluations} steps", t.per_step.len()));
+        return Err(format!(
+            "{} step timings for {evaluations} steps",
+            t.per_step.len()
+        ));
     }
     Ok((
         max_diff,
@@ -207,7 +217,12 @@ fn the_refiner_changes_the_base_image_and_each_image_keeps_its_stream() {
     let mut next = request.clone();
     next.seed += 1;
     let single = base
-        .generate_refined(refiner(), &next, &refine, &mut |_| ControlFlow::Continue(()))
+        .generate_refined(
+            refiner(),
+            &next,
+            &refine,
+            &mut |_| ControlFlow::Continue(()),
+        )
         .expect("next seed");
     assert_eq!(both.images[0].rgb, refined.images[0].rgb);
     assert_eq!(both.images[1].rgb, single.images[0].rgb);
@@ -238,7 +253,10 @@ fn bad_handoffs_are_invalid_requests() {
     let err = run(0.05);
     assert!(err.to_string().contains("the base runs no step"), "{err}");
     let err = run(0.995);
-    assert!(err.to_string().contains("the refiner runs no step"), "{err}");
+    assert!(
+        err.to_string().contains("the refiner runs no step"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -188,7 +188,11 @@ pub fn to_planar(image: &RgbImage) -> Vec<f32> {
 }
 
 impl Engine {
-    pub(super) fn check_img2img(&self, request: &GenerateRequest, init: &Img2Img) -> Result<(), EngineError> {
+    pub(super) fn check_img2img(
+        &self,
+        request: &GenerateRequest,
+        init: &Img2Img,
+    ) -> Result<(), EngineError> {
         let image = &init.image;
         if (image.width, image.height) != (request.width, request.height) {
             return Err(EngineError::invalid(

@@ -438,10 +438,9 @@ impl SdxlModel {
                 } else {
                     format!("text_encoder_2 (the only encoder) gives {b}")
                 };
-                return Err(unet.component.dimension_error(
-                    "encoder_hidden_states",
-                    format!("is {c} wide but {given}"),
-                ));
+                return Err(unet
+                    .component
+                    .dimension_error("encoder_hidden_states", format!("is {c} wide but {given}")));
             }
         }
         if let (Some(p), Some(u)) = (

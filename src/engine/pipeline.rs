@@ -14,14 +14,14 @@ use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::controlnet::{ControlRequest, ControlRun};
-use super::model::{SdxlModel, TimestepInput};
 use super::img2img;
+use super::model::{SdxlModel, TimestepInput};
 use super::noise::{image_seed, BatchNoise};
+use super::refiner::AestheticScores;
 use super::runtime::SessionOptions;
 use super::scheduler::{self, Scheduler, SchedulerConfig};
 use super::session::TensorInfo;
 use super::text::{self, Conditioning, PromptTexts};
-use super::refiner::AestheticScores;
 use super::{
     guidance, tensor, vae, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest,
     GeneratedImage, Progress, ProgressFn, StageTimings,

@@ -188,7 +188,12 @@ impl Engine {
         let base_steps = (end - run.start) as u32;
         let total = base_steps + (refiner_total - start) as u32;
 
-        let mut base_progress = |p: Progress| progress(Progress { step: p.step, total });
+        let mut base_progress = |p: Progress| {
+            progress(Progress {
+                step: p.step,
+                total,
+            })
+        };
         self.denoise_run(&mut run, request, end, None, &mut base_progress)?;
 
         let started = Instant::now();

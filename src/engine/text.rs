@@ -147,7 +147,12 @@ fn encode_pair(
     };
     let Some((encoder, tokenizer)) = model.text_encoder.as_ref().zip(model.tokenizer.as_ref())
     else {
-        let b = encode_one(&model.text_encoder_2, &model.tokenizer_2, text, session_time)?;
+        let b = encode_one(
+            &model.text_encoder_2,
+            &model.tokenizer_2,
+            text,
+            session_time,
+        )?;
         return Ok(Embedding {
             pooled: b.pooled.ok_or_else(no_pooled)?,
             hidden: b.hidden,

@@ -209,7 +209,11 @@ mod tests {
             [pair("refiner", "wrong_type")]
         );
         assert_eq!(
-            codes_of(json!({"handoff": 1.0, "aesthetic_score": 11, "x": 1}), true, false),
+            codes_of(
+                json!({"handoff": 1.0, "aesthetic_score": 11, "x": 1}),
+                true,
+                false
+            ),
             [
                 pair("refiner.x", "unknown_field"),
                 pair("refiner.handoff", "out_of_range"),

@@ -262,9 +262,12 @@ fn run_one(
     if let Some(refiner) = target.refiner {
         let keep = (model.name.as_str(), model.path.as_path());
         let refiner_load = catch_unwind(AssertUnwindSafe(|| {
-            cache.ensure_loaded_keeping(&refiner.model.name, &refiner.model.path, Some(keep), |path| {
-                Engine::load(path, options)
-            })
+            cache.ensure_loaded_keeping(
+                &refiner.model.name,
+                &refiner.model.path,
+                Some(keep),
+                |path| Engine::load(path, options),
+            )
         }))
         .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
         .map_err(|failure| EngineFailure::Load {
@@ -316,20 +319,23 @@ fn run_one(
         *model_load.get_or_insert(Duration::ZERO) += started.elapsed();
     }
     let nets = controlnets.as_ref().map(|loaded| &loaded.nets);
-    let outcome = catch_unwind(AssertUnwindSafe(|| match (target.control, refiner_engine) {
-        (None, Some((refiner, refine))) => {
-            engine.generate_refined(refiner, request, refine, &mut on_progress)
-        }
-        (None, None) => engine.generate(request, &mut on_progress),
-        (Some(_), Some(_)) => Err(EngineError::invalid(
-            "refiner",
-            "a refiner cannot be combined with controlnets",
-        )),
-        (Some(job), None) => {
-            let nets = nets
-                .ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
-            let control = super::control::engine_request(job, nets)?;
-            engine.generate_with_control(request, &control, &mut on_progress)
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        match (target.control, refiner_engine) {
+            (None, Some((refiner, refine))) => {
+                engine.generate_refined(refiner, request, refine, &mut on_progress)
+            }
+            (None, None) => engine.generate(request, &mut on_progress),
+            (Some(_), Some(_)) => Err(EngineError::invalid(
+                "refiner",
+                "a refiner cannot be combined with controlnets",
+            )),
+            (Some(job), None) => {
+                let nets = nets.ok_or_else(|| {
+                    EngineError::invalid("controlnets", "no ControlNets are loaded")
+                })?;
+                let control = super::control::engine_request(job, nets)?;
+                engine.generate_with_control(request, &control, &mut on_progress)
+            }
         }
     }));
     match outcome {

@@ -178,8 +178,16 @@ async fn execute(
         });
     let timeout = run::job_timeout(&shared.config.worker, &request);
     let extras = JobExtras { control, refiner };
-    let outcome = run::run_engine(ctx, id, attempt, model_ref, request.clone(), extras, timeout)
-        .await;
+    let outcome = run::run_engine(
+        ctx,
+        id,
+        attempt,
+        model_ref,
+        request.clone(),
+        extras,
+        timeout,
+    )
+    .await;
     drop(engine_slot);
     let RunOutcome {
         result,
@@ -320,7 +328,9 @@ async fn store(
     let timings = run.output.timings.clone();
 
     let png_started = Instant::now();
-    let refiner = job.refine().map(|r| (format!("{}/refiner", job.model), r.handoff));
+    let refiner = job
+        .refine()
+        .map(|r| (format!("{}/refiner", job.model), r.handoff));
     let pngs = match encode_images(&request, &job.model, refiner, run.output.images).await {
         Ok(pngs) => pngs,
         Err(err) => return fail(ctx, id, attempt, err.code(), &err.to_string(), None).await,
