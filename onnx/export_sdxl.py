@@ -11,6 +11,11 @@ The output directory has the layout `optimum-cli export onnx --task text-to-imag
     tokenizer/ and tokenizer_2/{vocab.json,merges.txt,tokenizer_config.json,special_tokens_map.json}
     scheduler/scheduler_config.json
 
+A refiner (`StableDiffusionXLImg2ImgPipeline` with `requires_aesthetics_score`, such as
+stable-diffusion-xl-refiner-1.0) has no `text_encoder/` and `tokenizer/`: `model_index.json` lists
+them as `[null, null]`, and its UNet takes five time ids (the aesthetic score replaces the target
+size). The exporter writes whichever components the pipeline has.
+
 The source is a diffusers pipeline (`--model` hub id or local directory) or, with `--tiny`, the
 seeded tiny test pipeline from `tiny_sdxl.py`. `--optimize` additionally fuses the graphs with
 ONNX Runtime's transformer optimizer and converts them to float16 for the CUDA execution provider.
@@ -160,6 +165,19 @@ def export_text_encoder(model, out_dir, with_projection, opset):
     model.config.save_pretrained(out_dir)
 
 
+def time_ids_width(unet, text_embeds_dim):
+    """Values per row of `time_ids`: 6 for a base UNet, 5 for a refiner's (the added embedding
+    takes `addition_time_embed_dim` features per time id after the pooled text embedding)."""
+    total = unet.config.projection_class_embeddings_input_dim
+    per_id = unet.config.addition_time_embed_dim
+    width, rest = divmod(total - text_embeds_dim, per_id)
+    if rest or width not in (5, 6):
+        raise ValueError(
+            f"the UNet's added embedding ({total}) is not {per_id} per time id plus {text_embeds_dim}"
+        )
+    return width
+
+
 def export_unet(unet, out_dir, text_embeds_dim, opset, external=None):
     unet = unet.eval().float()
     size = unet.config.sample_size
@@ -169,7 +187,7 @@ def export_unet(unet, out_dir, text_embeds_dim, opset, external=None):
         torch.tensor(999.0, dtype=torch.float32),
         torch.randn(2, 77, unet.config.cross_attention_dim),
         torch.randn(2, text_embeds_dim),
-        torch.randn(2, 6),
+        torch.randn(2, time_ids_width(unet, text_embeds_dim)),
     )
     spatial = {0: "batch_size", 2: "height", 3: "width"}
     _export(
@@ -225,13 +243,15 @@ def export_vae(vae, decoder_dir, encoder_dir, latent_size, opset):
 
 
 def export_pipeline(pipe, out_dir, opset=DEFAULT_OPSET, log=print, controlnet_unet=False, compact=False):
-    """Write the fp32 ONNX layout of `pipe` (a StableDiffusionXLPipeline) to `out_dir`; with
+    """Write the fp32 ONNX layout of `pipe` (a StableDiffusionXLPipeline, or a refiner
+    StableDiffusionXLImg2ImgPipeline without `text_encoder`) to `out_dir`; with
     `controlnet_unet`, also `unet/model_controlnet.onnx` (see export_controlnet.py), sharing the
     UNet's external weights (`compact` shortens that graph's internal names)."""
     os.makedirs(out_dir, exist_ok=True)
     pipe.save_config(out_dir)
-    log("text_encoder")
-    export_text_encoder(pipe.text_encoder, os.path.join(out_dir, "text_encoder"), False, opset)
+    if pipe.text_encoder is not None:
+        log("text_encoder")
+        export_text_encoder(pipe.text_encoder, os.path.join(out_dir, "text_encoder"), False, opset)
     log("text_encoder_2")
     export_text_encoder(pipe.text_encoder_2, os.path.join(out_dir, "text_encoder_2"), True, opset)
     log("unet")
@@ -253,17 +273,18 @@ def export_pipeline(pipe, out_dir, opset=DEFAULT_OPSET, log=print, controlnet_un
         latent_size,
         opset,
     )
-    save_tokenizer_files(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
+    if pipe.tokenizer is not None:
+        save_tokenizer_files(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
     save_tokenizer_files(pipe.tokenizer_2, os.path.join(out_dir, "tokenizer_2"))
     pipe.scheduler.save_config(os.path.join(out_dir, "scheduler"))
 
 
 def load_pipeline(model):
-    from diffusers import StableDiffusionXLPipeline
+    """The SDXL pipeline at `model`, of the class its `model_index.json` names (a base
+    StableDiffusionXLPipeline or a refiner StableDiffusionXLImg2ImgPipeline)."""
+    from diffusers import DiffusionPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(
-        model, torch_dtype=torch.float32, add_watermarker=False
-    )
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, add_watermarker=False)
 
 
 def parse_args(argv):
@@ -271,6 +292,9 @@ def parse_args(argv):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="diffusers SDXL pipeline: hub id or local directory")
     source.add_argument("--tiny", action="store_true", help="the seeded tiny test pipeline")
+    source.add_argument(
+        "--tiny-refiner", action="store_true", help="the seeded tiny test refiner (tiny_refiner.py)"
+    )
     p.add_argument("--seed", type=int, default=None, help="weight seed for --tiny")
     p.add_argument("--output", required=True, help="output directory (replaced if it exists)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
@@ -295,8 +319,8 @@ def parse_args(argv):
         help="with --optimize, also convert the VAE to float16 (only for an fp16-safe VAE)",
     )
     args = p.parse_args(argv)
-    if args.seed is not None and not args.tiny:
-        p.error("--seed only applies to --tiny")
+    if args.seed is not None and not (args.tiny or args.tiny_refiner):
+        p.error("--seed only applies to --tiny and --tiny-refiner")
     if args.fp16_vae and not args.optimize:
         p.error("--fp16-vae only applies to --optimize")
     return args
@@ -308,6 +332,10 @@ def main(argv=None):
         from tiny_sdxl import SEED, build_tiny_pipeline
 
         pipe = build_tiny_pipeline(SEED if args.seed is None else args.seed)
+    elif args.tiny_refiner:
+        from tiny_refiner import REFINER_SEED, build_tiny_refiner
+
+        pipe = build_tiny_refiner(REFINER_SEED if args.seed is None else args.seed)
     else:
         pipe = load_pipeline(args.model)
 

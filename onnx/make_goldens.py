@@ -6,7 +6,8 @@
 Writes, relative to the repository root:
 
 - `tests/fixtures/tiny-sdxl/`: the tiny pipeline (`tiny_sdxl.py`) exported to the ONNX layout,
-  checked against PyTorch.
+  checked against PyTorch (files identical to another component's are stored as relative links,
+  see `DUPLICATES`).
 - `tests/fixtures/golden/pipeline/`: diffusers `StableDiffusionXLPipeline` runs (PyTorch, fp32,
   CPU) of the same weights, with the project's seeded noise; see `manifest.json` there.
 - `tests/fixtures/golden/tokenizer/tokens.json`: the input ids of both tokenizers for a set of
@@ -17,6 +18,7 @@ thread with deterministic algorithms, and all noise comes from `sdxl_noise.py`.
 """
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -38,6 +40,24 @@ TOKENIZER_DIR = os.path.join("tests", "fixtures", "golden", "tokenizer")
 # A decoded golden image must not be flat: the mean per-channel standard deviation of its
 # 0..255 pixel values must exceed this.
 MIN_IMAGE_STD = 8.0
+
+
+# Files of the export that are byte for byte another component's (the two tokenizers share CLIP's
+# vocabulary and merges): the copy is stored as a relative symbolic link to keep the fixtures small.
+DUPLICATES = [
+    ("tokenizer_2/vocab.json", "tokenizer/vocab.json"),
+    ("tokenizer_2/merges.txt", "tokenizer/merges.txt"),
+]
+
+
+def link_duplicates(model_dir):
+    """Replace each file of DUPLICATES that equals its original with a link to it."""
+    for copy, original in DUPLICATES:
+        path, target = os.path.join(model_dir, copy), os.path.join(model_dir, original)
+        if os.path.islink(path) or not filecmp.cmp(path, target, shallow=False):
+            continue
+        os.remove(path)
+        os.symlink(os.path.relpath(target, os.path.dirname(path)), path)
 
 
 def versions():
@@ -289,6 +309,7 @@ def main(argv=None):
             shutil.rmtree(out)
         export_pipeline(pipe, out, controlnet_unet=True, compact=True)
         verify_export(pipe, out)
+        link_duplicates(out)
     if "tokenizer" in parts:
         make_tokenizer_goldens(
             os.path.join(args.repo, TINY_DIR), os.path.join(args.repo, TOKENIZER_DIR)

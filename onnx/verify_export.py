@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export_sdxl import vae_scale_factor
+from export_sdxl import time_ids_width, vae_scale_factor
 
 
 def _session(path):
@@ -35,10 +35,8 @@ def verify_export(pipe, out_dir, tol=1e-4, log=print):
     gen = torch.Generator().manual_seed(0)
     worst = {}
 
-    for name, model, proj in (
-        ("text_encoder", pipe.text_encoder, False),
-        ("text_encoder_2", pipe.text_encoder_2, True),
-    ):
+    encoders = [("text_encoder", pipe.text_encoder, False), ("text_encoder_2", pipe.text_encoder_2, True)]
+    for name, model, proj in [e for e in encoders if e[1] is not None]:
         sess = _session(os.path.join(out_dir, name, "model.onnx"))
         for batch, seq in ((1, 77), (3, 20)):
             ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
@@ -57,6 +55,7 @@ def verify_export(pipe, out_dir, tol=1e-4, log=print):
                 worst[name] = max(worst.get(name, 0.0), err)
 
     unet = pipe.unet
+    refiner = time_ids_width(unet, pipe.text_encoder_2.config.projection_dim) == 5
     sess = _session(os.path.join(out_dir, "unet", "model.onnx"))
     for batch, h, w, t in ((2, 16, 16, 999.0), (3, 24, 16, 1.5)):
         inputs = {
@@ -64,7 +63,10 @@ def verify_export(pipe, out_dir, tol=1e-4, log=print):
             "timestep": torch.tensor(t, dtype=torch.float32),
             "encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen),
             "text_embeds": torch.randn(batch, pipe.text_encoder_2.config.projection_dim, generator=gen),
-            "time_ids": torch.tensor([[h * 8.0, w * 8.0, 0.0, 0.0, h * 8.0, w * 8.0]] * batch),
+            "time_ids": torch.tensor(
+                [[h * 8.0, w * 8.0, 0.0, 0.0, 6.0] if refiner else [h * 8.0, w * 8.0, 0.0, 0.0, h * 8.0, w * 8.0]]
+                * batch
+            ),
         }
         with torch.no_grad():
             ref = unet(

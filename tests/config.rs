@@ -86,6 +86,9 @@ fn example_file_documents_every_key_with_its_variable_and_default() {
         for model in &mut models.models {
             assert!(model.path.ends_with("tests/fixtures/tiny-sdxl"));
             model.path = PathBuf::from("tests/fixtures/tiny-sdxl");
+            let refiner = model.refiner.as_mut().expect("the example names a refiner");
+            assert!(refiner.ends_with("tests/fixtures/tiny-refiner"));
+            *refiner = PathBuf::from("tests/fixtures/tiny-refiner");
         }
     }
     assert_eq!(loaded, defaults);

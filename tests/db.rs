@@ -43,6 +43,7 @@ fn metrics() -> JobMetrics {
         total_ms: 1300.0,
         peak_gpu_mem_bytes: Some(3 << 30),
         controlnet_ms: 0.0,
+        refiner_ms: 120.5,
     }
 }
 

@@ -38,7 +38,11 @@ fn weighted(prompt: &str, negative: Option<&str>, guidance: bool) -> Conditionin
 
 /// Widths of the two encoders' parts of a concatenated hidden state.
 fn widths() -> (usize, usize) {
-    let w1 = model().text_encoder.hidden_width().expect("fixed width");
+    let w1 = model()
+        .text_encoder
+        .as_ref()
+        .and_then(|e| e.hidden_width())
+        .expect("fixed width");
     let w2 = model().text_encoder_2.hidden_width().expect("fixed width");
     (w1, w2)
 }

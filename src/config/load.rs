@@ -180,7 +180,7 @@ impl Input<'_> {
     }
 
     /// Models: in a file a table `name = "path"` or `name = { path = .., default_width = ..,
-    /// default_height = .. }`; in the environment `name=path,name=path`.
+    /// default_height = .., refiner = .. }`; in the environment `name=path,name=path`.
     pub fn models(&self) -> Result<Vec<ModelEntry>, String> {
         let mut models = match self {
             Input::Env(text) => models_from_env(text)?,
@@ -205,7 +205,7 @@ fn models_from_env(text: &str) -> Result<Vec<ModelEntry>, String> {
         let (name, path) = part
             .split_once('=')
             .ok_or_else(|| format!("expected name=path, found {part:?}"))?;
-        models.push(model_entry(name.trim(), path.trim(), None, None)?);
+        models.push(model_entry(name.trim(), path.trim(), None, None, None)?);
     }
     Ok(models)
 }
@@ -217,7 +217,7 @@ fn models_from_file(item: &Item) -> Result<Vec<ModelEntry>, String> {
     let mut models = Vec::new();
     for (name, entry) in table.iter() {
         if let Some(path) = entry.as_str() {
-            models.push(model_entry(name, path, None, None)?);
+            models.push(model_entry(name, path, None, None, None)?);
             continue;
         }
         let fields = entry
@@ -226,16 +226,22 @@ fn models_from_file(item: &Item) -> Result<Vec<ModelEntry>, String> {
         let mut path = None;
         let mut width = None;
         let mut height = None;
+        let mut refiner = None;
         for (field, value) in fields.iter() {
             match field {
                 "path" => path = value.as_str(),
+                "refiner" => {
+                    refiner = Some(value.as_str().filter(|p| !p.is_empty()).ok_or_else(|| {
+                        format!("model {name:?}: `refiner` must be a directory (a string)")
+                    })?)
+                }
                 "default_width" => width = Some(side(name, field, value)?),
                 "default_height" => height = Some(side(name, field, value)?),
                 other => return Err(format!("model {name:?}: unknown field `{other}`")),
             }
         }
         let path = path.ok_or_else(|| format!("model {name:?}: `path` (a string) is required"))?;
-        models.push(model_entry(name, path, width, height)?);
+        models.push(model_entry(name, path, width, height, refiner)?);
     }
     Ok(models)
 }
@@ -252,6 +258,7 @@ fn model_entry(
     path: &str,
     default_width: Option<u32>,
     default_height: Option<u32>,
+    refiner: Option<&str>,
 ) -> Result<ModelEntry, String> {
     if name.is_empty() || path.is_empty() {
         return Err("model names and paths must not be empty".to_owned());
@@ -261,6 +268,7 @@ fn model_entry(
         path: PathBuf::from(path),
         default_width,
         default_height,
+        refiner: refiner.map(PathBuf::from),
     })
 }
 
@@ -529,18 +537,24 @@ fn resolve_models(mut models: ModelsConfig, config_dir: Option<&Path>) -> Models
         bases.push(cwd);
     }
     bases.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    for model in &mut models.models {
-        if model.path.is_absolute() {
-            continue;
+    let resolve = |path: &mut PathBuf| {
+        if path.is_absolute() {
+            return;
         }
-        let candidates: Vec<PathBuf> = bases.iter().map(|b| b.join(&model.path)).collect();
+        let candidates: Vec<PathBuf> = bases.iter().map(|b| b.join(&*path)).collect();
         let chosen = candidates
             .iter()
             .find(|c| c.exists())
             .or(candidates.first())
             .cloned();
-        if let Some(path) = chosen {
-            model.path = path;
+        if let Some(chosen) = chosen {
+            *path = chosen;
+        }
+    };
+    for model in &mut models.models {
+        resolve(&mut model.path);
+        if let Some(refiner) = &mut model.refiner {
+            resolve(refiner);
         }
     }
     models

@@ -277,6 +277,9 @@ pub struct ModelEntry {
     pub default_width: Option<u32>,
     /// Height used when a job gives none; `None` means 1024.
     pub default_height: Option<u32>,
+    /// The SDXL refiner that jobs asking for `refiner` hand over to (a directory in the Optimum
+    /// ONNX layout, absolute once loaded); `None`: the model has no refiner.
+    pub refiner: Option<PathBuf>,
 }
 
 /// Image side used when neither the job nor the model gives one.
@@ -320,7 +323,8 @@ impl ModelsConfig {
 
 impl Default for ModelsConfig {
     /// `tiny-sdxl` at `tests/fixtures/tiny-sdxl` (relative; resolved when configuration
-    /// loads), whose natural size is 64x64 (UNet sample size 16, VAE factor 4).
+    /// loads), whose natural size is 64x64 (UNet sample size 16, VAE factor 4), with the tiny
+    /// refiner at `tests/fixtures/tiny-refiner`.
     fn default() -> Self {
         ModelsConfig {
             default: "tiny-sdxl".to_owned(),
@@ -329,6 +333,7 @@ impl Default for ModelsConfig {
                 path: PathBuf::from("tests/fixtures/tiny-sdxl"),
                 default_width: Some(64),
                 default_height: Some(64),
+                refiner: Some(PathBuf::from("tests/fixtures/tiny-refiner")),
             }],
         }
     }

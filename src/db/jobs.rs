@@ -230,15 +230,16 @@ impl Db {
         sqlx::query(
             "INSERT INTO job_metrics (job_id, queue_wait_ms, model_load_ms, text_encoding_ms, \
              denoising_ms, step_ms, session_run_ms, vae_ms, png_ms, upload_ms, total_ms, \
-             peak_gpu_mem_bytes, controlnet_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             peak_gpu_mem_bytes, controlnet_ms, refiner_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (job_id) DO UPDATE SET queue_wait_ms = EXCLUDED.queue_wait_ms, \
              model_load_ms = EXCLUDED.model_load_ms, \
              text_encoding_ms = EXCLUDED.text_encoding_ms, denoising_ms = EXCLUDED.denoising_ms, \
              step_ms = EXCLUDED.step_ms, session_run_ms = EXCLUDED.session_run_ms, \
              vae_ms = EXCLUDED.vae_ms, png_ms = EXCLUDED.png_ms, upload_ms = EXCLUDED.upload_ms, \
              total_ms = EXCLUDED.total_ms, peak_gpu_mem_bytes = EXCLUDED.peak_gpu_mem_bytes, \
-             controlnet_ms = EXCLUDED.controlnet_ms, recorded_at = now()",
+             controlnet_ms = EXCLUDED.controlnet_ms, refiner_ms = EXCLUDED.refiner_ms, \
+             recorded_at = now()",
         )
         .bind(id)
         .bind(metrics.queue_wait_ms)
@@ -253,6 +254,7 @@ impl Db {
         .bind(metrics.total_ms)
         .bind(peak)
         .bind(metrics.controlnet_ms)
+        .bind(metrics.refiner_ms)
         .execute(&mut *tx)
         .await
         .map_err(query_error(op))?;
@@ -399,7 +401,7 @@ impl Db {
         let row = sqlx::query(
             "SELECT queue_wait_ms, model_load_ms, text_encoding_ms, denoising_ms, step_ms, \
              session_run_ms, vae_ms, png_ms, upload_ms, total_ms, peak_gpu_mem_bytes, \
-             controlnet_ms FROM job_metrics WHERE job_id = $1",
+             controlnet_ms, refiner_ms FROM job_metrics WHERE job_id = $1",
         )
         .bind(id)
         .fetch_optional(self.pool())
@@ -487,5 +489,6 @@ fn metrics_row(r: &PgRow) -> Result<JobMetrics, sqlx::Error> {
         total_ms: r.try_get("total_ms")?,
         peak_gpu_mem_bytes: peak.map(|p| u64::try_from(p).unwrap_or(0)),
         controlnet_ms: r.try_get("controlnet_ms")?,
+        refiner_ms: r.try_get("refiner_ms")?,
     })
 }

@@ -89,6 +89,10 @@ pub struct JobMetrics {
     pub peak_gpu_mem_bytes: Option<u64>,
     /// Part of `denoising_ms` spent in ControlNet evaluations (0 without ControlNets).
     pub controlnet_ms: f64,
+    /// The refiner stage of a refined job: its prompt encoding and denoising (0 without a
+    /// refiner; `denoising_ms` is then the base's part alone).
+    #[serde(default)]
+    pub refiner_ms: f64,
 }
 
 /// The status row of a job.

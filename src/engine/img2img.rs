@@ -18,23 +18,20 @@
 //!    sigma-based schedulers (Euler, Euler a, Heun, LMS), `α·x0 + σ_t·n` with
 //!    `α = 1/√(σ² + 1)`, `σ_t = σ·α` for the DPM-Solver family and UniPC. DDIM is not offered for
 //!    image-to-image.
-//! 5. The denoising loop and the VAE decoding are those of text-to-image, from `t_start` on.
+//! 5. The denoising loop and the VAE decoding are those of text-to-image, from `t_start` on
+//!    (the set-up is shared with text-to-image in [`Engine::prepare`](super::Engine)).
 //!
 //! With one noise stream per image, image `i` of a job is the same as image 0 of the same job
 //! with seed `seed + i` (diffusers, with one generator for a batch, shares one `ε` draw).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use super::model::{SdxlModel, VaeConfig};
-use super::noise::{image_seed, BatchNoise};
-use super::pipeline::DenoiseState;
+use super::noise::BatchNoise;
 use super::runtime::SessionOptions;
-use super::scheduler::{Scheduler, SchedulerKind};
+use super::scheduler::SchedulerKind;
 use super::session::{Component, TensorInfo};
-use super::{
-    tensor, Engine, EngineError, GenerateOutput, GenerateRequest, ProgressFn, StageTimings,
-};
+use super::{tensor, Engine, EngineError, GenerateRequest, RunShape};
 
 const STAGE: &str = "VAE encoder";
 
@@ -196,7 +193,11 @@ pub fn to_planar(image: &RgbImage) -> Vec<f32> {
 }
 
 impl Engine {
-    fn check_img2img(&self, request: &GenerateRequest, init: &Img2Img) -> Result<(), EngineError> {
+    pub(super) fn check_img2img(
+        &self,
+        request: &GenerateRequest,
+        init: &Img2Img,
+    ) -> Result<(), EngineError> {
         let image = &init.image;
         if (image.width, image.height) != (request.width, request.height) {
             return Err(EngineError::invalid(
@@ -228,35 +229,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Run an image-to-image request (see the module docs).
-    pub(super) fn generate_img2img(
+    /// The starting latents of an image-to-image run: the init image's latent sample, scaled,
+    /// with the scheduler's noise at `sigma` (the first timestep run) added; draws `ε` then
+    /// `n` from the image streams (see the module docs).
+    pub(super) fn img2img_latents(
         &self,
         request: &GenerateRequest,
         init: &Img2Img,
-        progress: &mut ProgressFn<'_>,
-    ) -> Result<GenerateOutput, EngineError> {
-        let shape = self.validate(request)?;
-        self.check_img2img(request, init)?;
-        let mut scheduler: Box<dyn Scheduler> = self.scheduler_for(request)?;
-        let start = start_index(
-            request.scheduler,
-            request.steps,
-            init.strength,
-            scheduler.timesteps().len(),
-        )?;
-        let mut timings = StageTimings::default();
-
-        let started = Instant::now();
-        let conditioning = self.encode_request_prompts(request, shape.guidance)?;
-        timings.text_encoding = started.elapsed();
-        timings.text_encoding_session_run = conditioning.session_time;
-
-        // The encoding counts as text encoding's neighbour: it is part of preparing the latents.
+        shape: &RunShape,
+        sigma: f32,
+        noise: &mut BatchNoise,
+    ) -> Result<Vec<f32>, EngineError> {
         let (mean, std) = self.encode_image(&init.image, shape.per_image())?;
-        let seeds: Vec<u64> = (0..shape.images)
-            .map(|i| image_seed(request.seed, i))
-            .collect();
-        let mut noise = BatchNoise::from_seeds(&seeds);
         let eps = noise.sample(shape.images * shape.per_image());
         let added = noise.sample(shape.images * shape.per_image());
         let mut latents = Vec::with_capacity(eps.len());
@@ -270,35 +254,8 @@ impl Engine {
             scale_latents(&self.model.vae_decoder.config, &mut x0, shape.channels);
             latents.extend_from_slice(&x0);
         }
-        let sigma = scheduler.sigmas().get(start).copied().unwrap_or(0.0) as f32;
         add_noise(request.scheduler, sigma, &mut latents, &added)?;
-
-        let started = Instant::now();
-        let mut state = DenoiseState {
-            shape,
-            request,
-            noise: &mut noise,
-            timings: &mut timings,
-            start,
-            control: None,
-        };
-        self.denoise(
-            &mut state,
-            scheduler.as_mut(),
-            &conditioning,
-            &mut latents,
-            progress,
-        )?;
-        timings.denoising = started.elapsed();
-
-        let started = Instant::now();
-        let images = self.decode_all(request, &shape, &latents, &mut timings)?;
-        timings.vae_decode = started.elapsed();
-        Ok(GenerateOutput {
-            images,
-            latents,
-            timings,
-        })
+        Ok(latents)
     }
 
     /// The latent distribution of one image: `(mean, std)`, each `[C, h, w]`.

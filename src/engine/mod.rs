@@ -1,6 +1,7 @@
 //! SDXL inference on ONNX Runtime: model loading, tokenization, text encoding (plain, or with
 //! A1111 prompt weighting and long prompts in [`prompt_weighting`]), schedulers, the denoising
-//! loop, image-to-image ([`img2img`]), VAE decoding and PNG encoding.
+//! loop, image-to-image ([`img2img`]), the base → refiner hand-off ([`refiner`]), VAE decoding
+//! and PNG encoding.
 //!
 //! This module knows nothing of RabbitMQ, Postgres or object storage: callers hand it a
 //! [`GenerateRequest`] and get back images and timings.
@@ -18,6 +19,7 @@ pub mod pipeline;
 pub mod png;
 pub mod preprocess;
 pub mod prompt_weighting;
+pub mod refiner;
 pub mod runtime;
 pub mod scheduler;
 pub mod session;
@@ -196,6 +198,15 @@ pub struct StageTimings {
     pub vae_decode_session_run: Duration,
     /// Part of `denoising` spent on ControlNet evaluations and residual sums.
     pub controlnet: Duration,
+    /// Refined runs ([`refiner`]): the refiner's prompt encoding (zero otherwise).
+    pub refiner_text_encoding: Duration,
+    /// Time inside `Session::run` during the refiner's prompt encoding.
+    pub refiner_text_encoding_session_run: Duration,
+    /// Refined runs: the refiner's denoising steps (`denoising` is the base's alone; `per_step`
+    /// lists the base's steps then the refiner's).
+    pub refiner_denoising: Duration,
+    /// Time inside `Session::run` during the refiner's denoising.
+    pub refiner_denoising_session_run: Duration,
 }
 
 /// One decoded image.

@@ -2,6 +2,11 @@
 //! `text_encoder_2/`, `unet/`, `vae_decoder/` (optional `vae_encoder/`), `tokenizer/`,
 //! `tokenizer_2/` and `scheduler/scheduler_config.json`.
 //!
+//! A refiner (SDXL refiner 1.0 and its kind) has no `text_encoder/` and `tokenizer/`: it reads
+//! only the second encoder, and its UNet takes five time ids
+//! `[orig_h, orig_w, crop_top, crop_left, aesthetic_score]` instead of six
+//! (`requires_aesthetics_score` in `model_index.json`).
+//!
 //! Every graph's declared inputs and outputs are checked at load time, and the sizes the
 //! pipeline needs (latent channels, embedding widths, which hidden state is the penultimate
 //! one, input element types) are read from the graphs and configuration files, never assumed.
@@ -188,6 +193,8 @@ pub struct Unet {
     pub encoder_hidden_states: TensorInfo,
     pub text_embeds: TensorInfo,
     pub time_ids: TensorInfo,
+    /// Values per row of `time_ids`: 6 for a base UNet, 5 for a refiner's (aesthetic score).
+    pub time_ids_width: usize,
     pub latent_channels: usize,
     /// The ControlNet residual inputs, when the UNet loaded is `unet/model_controlnet.onnx`.
     pub residuals: Option<super::controlnet::UnetResiduals>,
@@ -198,6 +205,7 @@ impl Unet {
         dir: &Path,
         options: &SessionOptions,
         config: Option<&Value>,
+        aesthetics: bool,
     ) -> Result<Self, EngineError> {
         // The ControlNet variant computes the same as model.onnx when fed zero residuals, so
         // only one UNet session is kept.
@@ -242,11 +250,17 @@ impl Unet {
                 "has a dynamic channel axis and unet/config.json gives no in_channels",
             )
         })?;
+        let expected = if aesthetics { 5 } else { 6 };
         if let Some(n) = time_ids.fixed_dim(1) {
-            if n != 6 {
+            if n != expected {
+                let which = if aesthetics {
+                    "a refiner (requires_aesthetics_score in model_index.json)"
+                } else {
+                    "a base SDXL UNet"
+                };
                 return Err(component.dimension_error(
                     "time_ids",
-                    format!("has {n} values per row; the base SDXL UNet takes 6"),
+                    format!("has {n} values per row; {which} takes {expected}"),
                 ));
             }
         }
@@ -258,6 +272,7 @@ impl Unet {
             encoder_hidden_states,
             text_embeds,
             time_ids,
+            time_ids_width: expected,
             latent_channels,
             residuals,
         })
@@ -281,6 +296,8 @@ pub struct PipelineConfig {
     pub default_size: u32,
     /// Pixel sizes must be multiples of this.
     pub size_multiple: u32,
+    /// The UNet is conditioned on an aesthetic score (a refiner), not on the target size.
+    pub requires_aesthetics_score: bool,
 }
 
 /// A whole SDXL pipeline, loaded.
@@ -289,9 +306,11 @@ pub struct SdxlModel {
     pub root: PathBuf,
     pub name: String,
     pub config: PipelineConfig,
-    pub tokenizer: ClipTokenizer,
+    /// `None` for a refiner, which reads the second encoder only.
+    pub tokenizer: Option<ClipTokenizer>,
     pub tokenizer_2: ClipTokenizer,
-    pub text_encoder: TextEncoder,
+    /// `None` for a refiner (no `text_encoder/`).
+    pub text_encoder: Option<TextEncoder>,
     pub text_encoder_2: TextEncoder,
     pub unet: Unet,
     pub vae_decoder: VaeDecoder,
@@ -315,8 +334,18 @@ impl SdxlModel {
             .get("force_zeros_for_empty_prompt")
             .and_then(Value::as_bool)
             .unwrap_or(true);
+        let aesthetics = index
+            .get("requires_aesthetics_score")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let scheduler_config = read_json(&root.join("scheduler").join("scheduler_config.json"))?;
-        let tokenizer = ClipTokenizer::from_dir(&require_dir(root, "tokenizer")?)?;
+        // A refiner declares no first encoder (`"text_encoder": [null, null]`) and ships none.
+        let first_encoder = !declares_none(&index, "text_encoder");
+        let tokenizer = if first_encoder {
+            Some(ClipTokenizer::from_dir(&require_dir(root, "tokenizer")?)?)
+        } else {
+            None
+        };
         let tokenizer_2 = ClipTokenizer::from_dir(&require_dir(root, "tokenizer_2")?)?;
 
         let vae_dir = require_dir(root, "vae_decoder")?;
@@ -328,10 +357,18 @@ impl SdxlModel {
         let unet_dir = require_dir(root, "unet")?;
         let unet_config = read_optional_json(&unet_dir.join("config.json"))?;
 
-        let text_encoder = TextEncoder::load(&require_dir(root, "text_encoder")?, options, false)?;
+        let text_encoder = if first_encoder {
+            Some(TextEncoder::load(
+                &require_dir(root, "text_encoder")?,
+                options,
+                false,
+            )?)
+        } else {
+            None
+        };
         let text_encoder_2 =
             TextEncoder::load(&require_dir(root, "text_encoder_2")?, options, true)?;
-        let unet = Unet::load(&unet_dir, options, unet_config.as_ref())?;
+        let unet = Unet::load(&unet_dir, options, unet_config.as_ref(), aesthetics)?;
         let vae_component = Component::load(&vae_dir, options)?;
         let latent_sample = vae_component.float_input("latent_sample", &[4])?.clone();
         vae_component.float_output("sample", &[4])?;
@@ -343,7 +380,8 @@ impl SdxlModel {
         let vae_encoder_path =
             Some(root.join("vae_encoder").join("model.onnx")).filter(|p| p.is_file());
 
-        let config = pipeline_config(force_zeros, &unet, &vae_decoder, unet_config.as_ref());
+        let mut config = pipeline_config(force_zeros, &unet, &vae_decoder, unet_config.as_ref());
+        config.requires_aesthetics_score = aesthetics;
         let model = Self {
             root: root.to_path_buf(),
             name: model_name(root),
@@ -372,10 +410,9 @@ impl SdxlModel {
 
     /// Cross-check sizes that several graphs must agree on, where the graphs fix them.
     fn check_consistency(&self) -> Result<(), EngineError> {
-        for (encoder, tokenizer) in [
-            (&self.text_encoder, &self.tokenizer),
-            (&self.text_encoder_2, &self.tokenizer_2),
-        ] {
+        let first = self.text_encoder.as_ref().zip(self.tokenizer.as_ref());
+        let second = Some((&self.text_encoder_2, &self.tokenizer_2));
+        for (encoder, tokenizer) in first.into_iter().chain(second) {
             if let Some(seq) = encoder.input_ids.fixed_dim(1) {
                 if seq != tokenizer.max_length() {
                     return Err(encoder.component.dimension_error(
@@ -389,16 +426,21 @@ impl SdxlModel {
             }
         }
         let unet = &self.unet;
-        let widths = (
-            self.text_encoder.hidden_width(),
-            self.text_encoder_2.hidden_width(),
-        );
+        let first = match &self.text_encoder {
+            Some(encoder) => encoder.hidden_width(),
+            None => Some(0),
+        };
+        let widths = (first, self.text_encoder_2.hidden_width());
         if let ((Some(a), Some(b)), Some(c)) = (widths, unet.encoder_hidden_states.fixed_dim(2)) {
             if a + b != c {
-                return Err(unet.component.dimension_error(
-                    "encoder_hidden_states",
-                    format!("is {c} wide but the text encoders give {a} + {b}"),
-                ));
+                let given = if self.text_encoder.is_some() {
+                    format!("the text encoders give {a} + {b}")
+                } else {
+                    format!("text_encoder_2 (the only encoder) gives {b}")
+                };
+                return Err(unet
+                    .component
+                    .dimension_error("encoder_hidden_states", format!("is {c} wide but {given}")));
             }
         }
         if let (Some(p), Some(u)) = (
@@ -430,6 +472,14 @@ impl SdxlModel {
     pub fn latent_side(&self, pixels: u32) -> usize {
         (pixels / self.vae_decoder.config.scale_factor) as usize
     }
+}
+
+/// Whether `model_index.json` lists `component` as absent (`[null, null]`).
+fn declares_none(index: &Value, component: &str) -> bool {
+    index
+        .get(component)
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().all(Value::is_null))
 }
 
 fn model_name(root: &Path) -> String {
@@ -465,6 +515,7 @@ fn pipeline_config(
         force_zeros_for_empty_prompt: force_zeros,
         default_size,
         size_multiple: vae_scale * unet_multiple,
+        requires_aesthetics_score: false,
     }
 }
 

@@ -1,6 +1,11 @@
 //! The text-to-image run: request validation against the loaded model, prompt encoding, the
 //! denoising loop (classifier-free guidance in one UNet call per step on the batch
 //! `[negative; positive]`, as diffusers orders it) and VAE decoding.
+//!
+//! Every kind of run goes through the same three parts: [`Engine::prepare`] (validation, the
+//! scheduler, the prompts, the noise streams and the starting latents, from noise or from an
+//! init image), [`Engine::denoise`] over a range of the schedule, and [`Engine::finish`] (VAE
+//! decoding). The refined run ([`super::refiner`]) runs the loop twice, on two engines.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,8 +13,10 @@ use std::time::Instant;
 use ort::value::DynValue;
 
 use super::controlnet::{ControlRequest, ControlRun};
+use super::img2img;
 use super::model::{SdxlModel, TimestepInput};
 use super::noise::{image_seed, BatchNoise};
+use super::refiner::AestheticScores;
 use super::runtime::SessionOptions;
 use super::scheduler::{self, Scheduler, SchedulerConfig};
 use super::session::TensorInfo;
@@ -199,9 +206,6 @@ impl Engine {
         request: &GenerateRequest,
         progress: &mut ProgressFn<'_>,
     ) -> Result<GenerateOutput, EngineError> {
-        if let Some(init) = &request.controls.img2img {
-            return self.generate_img2img(request, init, progress);
-        }
         self.generate_inner(request, None, progress)
     }
 
@@ -228,8 +232,31 @@ impl Engine {
         control: Option<&ControlRequest<'_>>,
         progress: &mut ProgressFn<'_>,
     ) -> Result<GenerateOutput, EngineError> {
+        let mut run = self.prepare(request)?;
+        let end = run.scheduler.timesteps().len();
+        self.denoise_run(&mut run, request, end, control, progress)?;
+        self.finish(request, run)
+    }
+
+    /// Everything before the first denoising step: validation, the scheduler, the prompts,
+    /// the noise streams and the starting latents (seeded noise, the request's
+    /// `initial_latents`, or an encoded init image with noise added for image-to-image).
+    pub(super) fn prepare(&self, request: &GenerateRequest) -> Result<Prepared, EngineError> {
         let shape = self.validate(request)?;
-        let mut scheduler = self.scheduler_for(request)?;
+        let scheduler = self.scheduler_for(request)?;
+        // Checked before any model runs, so that a bad request costs no encoding.
+        let start = match &request.controls.img2img {
+            Some(init) => {
+                self.check_img2img(request, init)?;
+                img2img::start_index(
+                    request.scheduler,
+                    request.steps,
+                    init.strength,
+                    scheduler.timesteps().len(),
+                )?
+            }
+            None => 0,
+        };
         let mut timings = StageTimings::default();
 
         let started = Instant::now();
@@ -241,38 +268,78 @@ impl Engine {
             .map(|i| image_seed(request.seed, i))
             .collect();
         let mut noise = BatchNoise::from_seeds(&seeds);
-        // The initial latents are always drawn, so that injected latents equal to the seeded
-        // ones leave every stream at the same place for the schedulers that draw step noise.
-        let drawn = noise.sample(shape.images * shape.per_image());
-        let mut latents = request.initial_latents.clone().unwrap_or(drawn);
-        let sigma = scheduler.init_noise_sigma() as f32;
-        latents.iter_mut().for_each(|v| *v *= sigma);
-
-        let started = Instant::now();
-        let mut loop_state = DenoiseState {
+        let latents = match &request.controls.img2img {
+            Some(init) => {
+                let sigma = scheduler.sigmas().get(start).copied().unwrap_or(0.0) as f32;
+                self.img2img_latents(request, init, &shape, sigma, &mut noise)?
+            }
+            None => {
+                // The initial latents are always drawn, so that injected latents equal to the
+                // seeded ones leave every stream at the same place for the schedulers that draw
+                // step noise.
+                let drawn = noise.sample(shape.images * shape.per_image());
+                let mut latents = request.initial_latents.clone().unwrap_or(drawn);
+                let sigma = scheduler.init_noise_sigma() as f32;
+                latents.iter_mut().for_each(|v| *v *= sigma);
+                latents
+            }
+        };
+        Ok(Prepared {
             shape,
+            scheduler,
+            conditioning,
+            noise,
+            latents,
+            start,
+            timings,
+        })
+    }
+
+    /// Run the denoising loop of a prepared run from its start to evaluation `end`
+    /// (exclusive), timed as `denoising`.
+    pub(super) fn denoise_run(
+        &self,
+        run: &mut Prepared,
+        request: &GenerateRequest,
+        end: usize,
+        control: Option<&ControlRequest<'_>>,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let mut state = DenoiseState {
+            shape: run.shape,
             request,
-            noise: &mut noise,
-            timings: &mut timings,
-            start: 0,
+            noise: &mut run.noise,
+            timings: &mut run.timings,
+            start: run.start,
+            end,
             control,
+            aesthetic: AestheticScores::default(),
         };
         self.denoise(
-            &mut loop_state,
-            scheduler.as_mut(),
-            &conditioning,
-            &mut latents,
+            &mut state,
+            run.scheduler.as_mut(),
+            &run.conditioning,
+            &mut run.latents,
             progress,
         )?;
-        timings.denoising = started.elapsed();
+        run.timings.denoising += started.elapsed();
+        Ok(())
+    }
 
+    /// Decode the latents of a run with this engine's VAE, timed as `vae_decode`.
+    pub(super) fn finish(
+        &self,
+        request: &GenerateRequest,
+        mut run: Prepared,
+    ) -> Result<GenerateOutput, EngineError> {
         let started = Instant::now();
-        let images = self.decode_all(request, &shape, &latents, &mut timings)?;
-        timings.vae_decode = started.elapsed();
+        let images = self.decode_all(request, &run.shape, &run.latents, &mut run.timings)?;
+        run.timings.vae_decode = started.elapsed();
         Ok(GenerateOutput {
             images,
-            latents,
-            timings,
+            latents: run.latents,
+            timings: run.timings,
         })
     }
 
@@ -295,7 +362,7 @@ impl Engine {
         }
     }
 
-    /// The denoising loop, from evaluation `state.start` to the end.
+    /// The denoising loop, from evaluation `state.start` to `state.end` (exclusive).
     pub(super) fn denoise(
         &self,
         state: &mut DenoiseState<'_>,
@@ -306,7 +373,13 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let shape = state.shape;
         let rows = shape.unet_rows();
-        let constants = UnetConstants::new(&self.model, conditioning, state.request, &shape)?;
+        let constants = UnetConstants::new(
+            &self.model,
+            conditioning,
+            state.request,
+            &shape,
+            state.aesthetic,
+        )?;
         let control = ControlRun::new(
             &self.model,
             state.control,
@@ -316,7 +389,8 @@ impl Engine {
         )?;
         let timesteps = scheduler.timesteps().to_vec();
         let start = state.start;
-        let total = (timesteps.len() - start.min(timesteps.len())) as u32;
+        let end = state.end.min(timesteps.len());
+        let total = (end - start.min(end)) as u32;
         let per_batch = shape.images * shape.per_image();
         let sample_shape = [
             rows as i64,
@@ -337,7 +411,7 @@ impl Engine {
             sample_shape,
             state.control.is_some(),
         )?;
-        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+        for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let step_started = Instant::now();
             model_input[..per_batch].copy_from_slice(latents);
             scheduler.scale_model_input(&mut model_input[..per_batch], i);
@@ -447,10 +521,28 @@ pub(super) struct DenoiseState<'a> {
     pub request: &'a GenerateRequest,
     pub noise: &'a mut BatchNoise,
     pub timings: &'a mut StageTimings,
-    /// The first evaluation to run (image-to-image skips the start of the schedule).
+    /// The first evaluation to run (image-to-image and the refiner skip the start of the
+    /// schedule).
     pub start: usize,
+    /// One past the last evaluation to run (a base handing over to a refiner stops early).
+    pub end: usize,
     /// ControlNets of the run, if any.
     pub control: Option<&'a ControlRequest<'a>>,
+    /// The scores a refiner's UNet is conditioned on (unused by a base UNet).
+    pub aesthetic: AestheticScores,
+}
+
+/// A run set up to enter the denoising loop (see [`Engine::prepare`]).
+pub(super) struct Prepared {
+    pub shape: RunShape,
+    pub scheduler: Box<dyn Scheduler>,
+    pub conditioning: Conditioning,
+    pub noise: BatchNoise,
+    /// Image-major latents, updated in place by the loop.
+    pub latents: Vec<f32>,
+    /// The first evaluation to run.
+    pub start: usize,
+    pub timings: StageTimings,
 }
 
 fn session_options(options: &EngineOptions) -> SessionOptions {
@@ -483,6 +575,7 @@ impl UnetConstants {
         conditioning: &Conditioning,
         request: &GenerateRequest,
         shape: &RunShape,
+        aesthetic: AestheticScores,
     ) -> Result<Self, EngineError> {
         let unet = &model.unet;
         let pos = &conditioning.positive;
@@ -514,8 +607,26 @@ impl UnetConstants {
             1,
             pos.pooled.len(),
         )?;
-        let ids = time_ids(request);
-        let time_ids: Vec<f32> = (0..rows).flat_map(|_| ids).collect();
+        let width = unet.time_ids_width;
+        let (negative_ids, positive_ids) = if width == 5 {
+            let [oh, ow, top, left, _, _] = time_ids(request);
+            (
+                vec![oh, ow, top, left, aesthetic.negative],
+                vec![oh, ow, top, left, aesthetic.positive],
+            )
+        } else {
+            (time_ids(request).to_vec(), time_ids(request).to_vec())
+        };
+        // Rows follow the batch order `[negative; positive]` (only positive without guidance).
+        let mut time_ids = Vec::with_capacity(rows * width);
+        for row in 0..rows {
+            let negative = shape.guidance && row < shape.images;
+            time_ids.extend_from_slice(if negative {
+                &negative_ids
+            } else {
+                &positive_ids
+            });
+        }
         let r = rows as i64;
         let make = |info: &TensorInfo, shape: &[i64], data: &[f32]| {
             tensor::float_value(info.elem, shape, data).map_err(unet_err)
@@ -527,7 +638,7 @@ impl UnetConstants {
                 &hidden,
             )?,
             text_embeds: make(&unet.text_embeds, &[r, pos.pooled.len() as i64], &pooled)?,
-            time_ids: make(&unet.time_ids, &[r, 6], &time_ids)?,
+            time_ids: make(&unet.time_ids, &[r, width as i64], &time_ids)?,
         })
     }
 }

@@ -353,22 +353,30 @@ fn encode_chunks(
     })
 }
 
-/// Both encoders' tokens of one text pair.
+/// Both encoders' tokens of one text pair (a refiner, with `text_encoder_2` only, reads the
+/// first text with it, as diffusers does).
 struct PairTokens {
-    first: TokenChunks,
+    first: Option<TokenChunks>,
     second: TokenChunks,
 }
 
 impl PairTokens {
     fn new(model: &SdxlModel, text: &str, text_2: &str) -> Result<Self, EngineError> {
-        Ok(Self {
-            first: chunk_tokens(&model.tokenizer, text)?,
-            second: chunk_tokens(&model.tokenizer_2, text_2)?,
+        Ok(match &model.tokenizer {
+            Some(tokenizer) => Self {
+                first: Some(chunk_tokens(tokenizer, text)?),
+                second: chunk_tokens(&model.tokenizer_2, text_2)?,
+            },
+            None => Self {
+                first: None,
+                second: chunk_tokens(&model.tokenizer_2, text)?,
+            },
         })
     }
 
     fn chunks(&self) -> usize {
-        self.first.chunks.len().max(self.second.chunks.len())
+        let first = self.first.as_ref().map_or(0, |f| f.chunks.len());
+        first.max(self.second.chunks.len())
     }
 }
 
@@ -378,13 +386,6 @@ fn encode_pair(
     count: usize,
     session_time: &mut Duration,
 ) -> Result<Embedding, EngineError> {
-    let a = encode_chunks(
-        &model.text_encoder,
-        &model.tokenizer,
-        &tokens.first,
-        count,
-        session_time,
-    )?;
     let b = encode_chunks(
         &model.text_encoder_2,
         &model.tokenizer_2,
@@ -392,6 +393,24 @@ fn encode_pair(
         count,
         session_time,
     )?;
+    let no_pooled = || EngineError::UnexpectedOutput {
+        stage: STAGE,
+        message: "no text_embeds from text_encoder_2".to_owned(),
+    };
+    let (Some(encoder), Some(tokenizer), Some(first)) = (
+        model.text_encoder.as_ref(),
+        model.tokenizer.as_ref(),
+        tokens.first.as_ref(),
+    ) else {
+        let seq = b.hidden.len() / b.width.max(1);
+        return Ok(Embedding {
+            pooled: b.pooled.ok_or_else(no_pooled)?,
+            hidden: b.hidden,
+            seq,
+            width: b.width,
+        });
+    };
+    let a = encode_chunks(encoder, tokenizer, first, count, session_time)?;
     let seq_a = a.hidden.len() / a.width.max(1);
     let seq_b = b.hidden.len() / b.width.max(1);
     if seq_a != seq_b {
@@ -400,10 +419,7 @@ fn encode_pair(
             message: format!("sequence lengths {seq_a} and {seq_b} that differ"),
         });
     }
-    let pooled = b.pooled.ok_or_else(|| EngineError::UnexpectedOutput {
-        stage: STAGE,
-        message: "no text_embeds from text_encoder_2".to_owned(),
-    })?;
+    let pooled = b.pooled.ok_or_else(no_pooled)?;
     let width = a.width + b.width;
     let mut hidden = Vec::with_capacity(seq_a * width);
     for (row_a, row_b) in a

@@ -5,6 +5,8 @@
 //! - Each text goes through its own tokenizer and encoder; the penultimate hidden state of each
 //!   encoder (`hidden_states[-2]`) is taken and the two are concatenated on the last axis.
 //! - The pooled embedding is `text_embeds` of `text_encoder_2` (for the second prompt).
+//! - A refiner has `text_encoder_2` only: diffusers pairs the *first* text of each pair
+//!   (`prompt`, `negative_prompt`) with it, and its hidden state alone is the conditioning.
 //! - With `force_zeros_for_empty_prompt`, an *absent* negative prompt gives all-zero negative
 //!   embeddings and pooled embedding; an empty string is encoded like any other text.
 
@@ -139,7 +141,26 @@ fn encode_pair(
     text_2: &str,
     session_time: &mut Duration,
 ) -> Result<Embedding, EngineError> {
-    let a = encode_one(&model.text_encoder, &model.tokenizer, text, session_time)?;
+    let no_pooled = || EngineError::UnexpectedOutput {
+        stage: "text encoder",
+        message: "no text_embeds from text_encoder_2".to_owned(),
+    };
+    let Some((encoder, tokenizer)) = model.text_encoder.as_ref().zip(model.tokenizer.as_ref())
+    else {
+        let b = encode_one(
+            &model.text_encoder_2,
+            &model.tokenizer_2,
+            text,
+            session_time,
+        )?;
+        return Ok(Embedding {
+            pooled: b.pooled.ok_or_else(no_pooled)?,
+            hidden: b.hidden,
+            seq: b.seq,
+            width: b.width,
+        });
+    };
+    let a = encode_one(encoder, tokenizer, text, session_time)?;
     let b = encode_one(
         &model.text_encoder_2,
         &model.tokenizer_2,
@@ -152,10 +173,7 @@ fn encode_pair(
             message: format!("sequence lengths {} and {} that differ", a.seq, b.seq),
         });
     }
-    let pooled = b.pooled.ok_or_else(|| EngineError::UnexpectedOutput {
-        stage: "text encoder",
-        message: "no text_embeds from text_encoder_2".to_owned(),
-    })?;
+    let pooled = b.pooled.ok_or_else(no_pooled)?;
     let width = a.width + b.width;
     let mut hidden = Vec::with_capacity(a.seq * width);
     for (row_a, row_b) in a

@@ -15,9 +15,12 @@
 //!   ([`parse_and_validate_with`]; see [`controlnet`]); [`parse_and_validate`] is for a
 //!   deployment without any.
 //! - `init_image` and `strength` make an image-to-image job (see [`image`] for its policies).
+//! - `refiner` hands the end of the schedule to the model's configured refiner (see
+//!   [`refiner`]).
 
 pub mod controlnet;
 pub mod image;
+pub mod refiner;
 pub mod schema;
 mod validate;
 
@@ -30,6 +33,7 @@ use crate::styles::{StyleCatalog, StyledPrompts};
 
 pub use controlnet::ControlNetSpec;
 pub use image::InitImage;
+pub use refiner::RefinerSpec;
 pub use validate::{parse_and_validate, parse_and_validate_with};
 
 /// The only message version this build understands.
@@ -64,7 +68,7 @@ pub const DRAWN_SEED_BOUND: u64 = 1 << 32;
 pub const WHOLE_MESSAGE: &str = "$";
 
 /// Every top-level field of a version 1 message, in documentation order.
-pub const FIELDS: [&str; 28] = [
+pub const FIELDS: [&str; 29] = [
     "version",
     "id",
     "model",
@@ -93,6 +97,7 @@ pub const FIELDS: [&str; 28] = [
     "guess_mode",
     "init_image",
     "strength",
+    "refiner",
 ];
 
 /// Fields of `scheduler_options`.
@@ -145,6 +150,8 @@ pub mod codes {
     pub const MISSING_ID: &str = "missing_id";
     /// `id` is not a UUID in the hyphenated form.
     pub const INVALID_UUID: &str = "invalid_uuid";
+    /// The job asks for a refiner but its model has none configured.
+    pub const NO_REFINER: &str = "no_refiner";
 }
 
 /// A version 1 job message.
@@ -220,6 +227,9 @@ pub struct JobMessage {
     /// How much of the schedule an image-to-image job runs, in (0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Hand the end of the schedule to the model's refiner (see [`refiner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner: Option<RefinerSpec>,
 }
 
 /// Scheduler options without the `null` entries of options that were not given.
@@ -363,6 +373,11 @@ impl ValidJob {
                 negative_prompt_2: m.negative_prompt_2.clone(),
             },
         }
+    }
+
+    /// The base → refiner hand-off the job asks for, with defaults filled in.
+    pub fn refine(&self) -> Option<crate::engine::refiner::Refine> {
+        self.message.refiner.as_ref().map(RefinerSpec::refine)
     }
 
     /// The engine request for this job (its style, if any, applied to the prompts).

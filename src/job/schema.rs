@@ -11,7 +11,8 @@
 //! scheduler names in another letter case, and for `controlnets`: exactly one image source,
 //! `control_guidance_start < control_guidance_end`, and which types this deployment has; for
 //! `init_image`: exactly one image source, `strength` only with an init image and running at
-//! least one step, no `controlnets` or `ddim` beside it.
+//! least one step, no `controlnets` or `ddim` beside it; for `refiner`: whether the job's model
+//! has one, and that it is not combined with `controlnets` or `init_image`.
 
 use serde_json::{json, Value};
 
@@ -21,6 +22,9 @@ use super::{
     MAX_PRIORITY, MAX_STEPS_OFFSET,
 };
 use crate::config::{Limits, ModelsConfig, FALLBACK_SIDE};
+use crate::engine::refiner::{
+    DEFAULT_AESTHETIC_SCORE, DEFAULT_HANDOFF, DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+};
 
 /// Path of the committed schema, relative to the crate root.
 pub const SCHEMA_PATH: &str = "schema/job-v1.json";
@@ -160,9 +164,42 @@ pub fn json_schema(limits: &Limits, models: Option<&ModelsConfig>) -> Value {
                 "maximum": 1.0,
                 "default": super::image::DEFAULT_STRENGTH,
                 "description": "Image-to-image only (strength_without_init_image otherwise): the last floor(steps x strength) of the steps run, starting from the init image with noise added; 1 keeps little of the image, small values stay close to it. At least one step must run."
-            }
+            },
+            "refiner": refiner_schema()
         },
         "examples": examples()
+    })
+}
+
+fn refiner_schema() -> Value {
+    let max = super::refiner::MAX_AESTHETIC_SCORE;
+    json!({
+        "type": ["object", "null"],
+        "additionalProperties": false,
+        "description": "Quality boost: the base model runs the first part of the steps and hands its latents to the model's SDXL refiner, which runs the rest with its own scheduler and decodes the image (diffusers' denoising_end / denoising_start hand-off). {} uses the defaults; absent or null means no refiner. The model must have a refiner configured (no_refiner otherwise); not combined with controlnets or init_image.",
+        "properties": {
+            "handoff": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "exclusiveMaximum": 1,
+                "default": DEFAULT_HANDOFF,
+                "description": "Share of the steps the base runs before the refiner takes over (diffusers' denoising_end of the base and denoising_start of the refiner). A value that leaves either stage no step for the job's scheduler and steps fails the job with invalid_request."
+            },
+            "aesthetic_score": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": max,
+                "default": f64::from(DEFAULT_AESTHETIC_SCORE),
+                "description": "Aesthetic score the refiner is conditioned on (positive prompt)."
+            },
+            "negative_aesthetic_score": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": max,
+                "default": f64::from(DEFAULT_NEGATIVE_AESTHETIC_SCORE),
+                "description": "Aesthetic score of the negative conditioning."
+            }
+        }
     })
 }
 
@@ -293,6 +330,12 @@ pub fn examples() -> Vec<Value> {
             "guess_mode": false,
             "init_image": { "image_key": "uploads/sketch-832x1216.png" },
             "strength": 0.6
+        }),
+        json!({
+            "version": 1,
+            "id": "5e0c2b8a-91d4-4c6f-b7a3-2f8e1d6c4b90",
+            "prompt": "a red fox in fresh snow, golden hour, telephoto",
+            "refiner": { "handoff": 0.8, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5 }
         }),
         json!({
             "version": 1,

@@ -119,7 +119,7 @@ pub(crate) fn parse_uuid(text: &str) -> Option<Uuid> {
     Uuid::try_parse(text).ok()
 }
 
-fn kind(value: &Value) -> &'static str {
+pub(super) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -373,6 +373,18 @@ impl<'a> Checker<'a> {
         };
 
         let model_entry = model.as_deref().and_then(|m| models.get(m));
+        let with_controlnets = controlnets.as_ref().is_some_and(|c| !c.is_empty());
+        let refiner = self.get("refiner").and_then(|v| {
+            super::refiner::check(v, model_entry, with_controlnets, &mut self.errors)
+        });
+        let with_init_image = self.get("init_image").is_some();
+        if refiner.is_some() && with_init_image {
+            self.push(
+                "refiner",
+                codes::INVALID_VALUE,
+                "cannot be combined with init_image (image-to-image jobs have no refiner stage)",
+            );
+        }
         let (default_w, default_h) = model_entry
             .map(|m| m.default_size())
             .unwrap_or((FALLBACK_SIDE, FALLBACK_SIDE));
@@ -436,6 +448,7 @@ impl<'a> Checker<'a> {
             controlnets,
             init_image,
             strength,
+            refiner: refiner.map(|r| r.normalized()),
         };
         Some(ValidJob {
             id,

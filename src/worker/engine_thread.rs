@@ -5,7 +5,9 @@
 //! lets the async side cancel a run between steps. Loaded models stay in a
 //! [`ModelCache`](super::model_cache::ModelCache) (least recently used first out, within the
 //! consumer's memory budget, reloaded when their files change); the ControlNets of one model
-//! stay loaded beside them after its first ControlNet job. A panic inside the engine is
+//! stay loaded beside them after its first ControlNet job. A refined job loads the model's
+//! refiner beside its base and keeps both (the cache never evicts one for the other). A panic
+//! inside the engine is
 //! caught here, that engine is dropped (its state can no longer be trusted) and the job gets an
 //! error; the next job for the model loads a fresh engine.
 
@@ -22,6 +24,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 use super::control::ControlJob;
 use super::model_cache::ModelCache;
 use crate::engine::controlnet::{ControlNetPaths, ControlNets};
+use crate::engine::refiner::Refine;
 use crate::engine::{
     Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
 };
@@ -43,6 +46,22 @@ pub struct EngineJob {
     pub cancel: Arc<AtomicBool>,
     /// ControlNets and their decoded images; `None` for plain text-to-image.
     pub control: Option<ControlJob>,
+    /// The refiner stage, when the job asks for one.
+    pub refiner: Option<RefinerJob>,
+}
+
+/// A refiner stage: the refiner model and how the base hands over to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefinerJob {
+    pub model: ModelRef,
+    pub refine: Refine,
+}
+
+/// What a job runs besides its model and request.
+#[derive(Default)]
+pub struct JobExtras {
+    pub control: Option<ControlJob>,
+    pub refiner: Option<RefinerJob>,
 }
 
 enum Command {
@@ -213,6 +232,7 @@ fn engine_loop(
             progress,
             cancel,
             control,
+            refiner,
         } = job;
         if cancel.load(Ordering::Relaxed) {
             let _ = reply.send(Err(EngineFailure::Cancelled));
@@ -222,6 +242,7 @@ fn engine_loop(
             model: &model,
             request: &request,
             control: control.as_ref(),
+            refiner: refiner.as_ref(),
             controlnet_paths: &controlnet_paths,
         };
         let result = run_one(
@@ -244,6 +265,7 @@ struct Target<'a> {
     model: &'a ModelRef,
     request: &'a GenerateRequest,
     control: Option<&'a ControlJob>,
+    refiner: Option<&'a RefinerJob>,
     controlnet_paths: &'a ControlNetPaths,
 }
 
@@ -268,8 +290,34 @@ fn run_one(
         // The model was (re)loaded: ControlNets checked against its earlier files are stale.
         controlnets.take_if(|loaded| loaded.belong_to(model));
     }
-    let Some(engine) = cache.current() else {
+    if let Some(refiner) = target.refiner {
+        let keep = (model.name.as_str(), model.path.as_path());
+        let refiner_load = catch_unwind(AssertUnwindSafe(|| {
+            cache.ensure_loaded_keeping(
+                &refiner.model.name,
+                &refiner.model.path,
+                Some(keep),
+                |path| Engine::load(path, options),
+            )
+        }))
+        .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+        .map_err(|failure| EngineFailure::Load {
+            model: failure.model,
+            source: failure.source,
+        })?;
+        if let Some(time) = refiner_load {
+            *model_load.get_or_insert(Duration::ZERO) += time;
+        }
+    }
+    let Some(engine) = cache.get(&model.name, &model.path) else {
         return Err(EngineFailure::ThreadGone);
+    };
+    let refiner_engine = match target.refiner {
+        Some(refiner) => match cache.get(&refiner.model.name, &refiner.model.path) {
+            Some(engine) => Some((engine, &refiner.refine)),
+            None => return Err(EngineFailure::ThreadGone),
+        },
+        None => None,
     };
     let mut on_progress = |p: Progress| {
         let _ = progress.send(p);
@@ -302,13 +350,23 @@ fn run_one(
         *model_load.get_or_insert(Duration::ZERO) += started.elapsed();
     }
     let nets = controlnets.as_ref().map(|loaded| &loaded.nets);
-    let outcome = catch_unwind(AssertUnwindSafe(|| match target.control {
-        None => engine.generate(request, &mut on_progress),
-        Some(job) => {
-            let nets = nets
-                .ok_or_else(|| EngineError::invalid("controlnets", "no ControlNets are loaded"))?;
-            let control = super::control::engine_request(job, nets)?;
-            engine.generate_with_control(request, &control, &mut on_progress)
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        match (target.control, refiner_engine) {
+            (None, Some((refiner, refine))) => {
+                engine.generate_refined(refiner, request, refine, &mut on_progress)
+            }
+            (None, None) => engine.generate(request, &mut on_progress),
+            (Some(_), Some(_)) => Err(EngineError::invalid(
+                "refiner",
+                "a refiner cannot be combined with controlnets",
+            )),
+            (Some(job), None) => {
+                let nets = nets.ok_or_else(|| {
+                    EngineError::invalid("controlnets", "no ControlNets are loaded")
+                })?;
+                let control = super::control::engine_request(job, nets)?;
+                engine.generate_with_control(request, &control, &mut on_progress)
+            }
         }
     }));
     match outcome {
@@ -317,6 +375,9 @@ fn run_one(
         Ok(Err(err)) => Err(EngineFailure::Generate(err)),
         Err(panic) => {
             cache.remove(&model.name, &model.path);
+            if let Some(refiner) = target.refiner {
+                cache.remove(&refiner.model.name, &refiner.model.path);
+            }
             *controlnets = None;
             Err(EngineFailure::Panicked(panic_message(panic.as_ref())))
         }
@@ -371,6 +432,7 @@ mod tests {
             progress: tokio_mpsc::unbounded_channel().0,
             cancel: Arc::new(AtomicBool::new(cancel)),
             control: None,
+            refiner: None,
         }
     }
 
@@ -433,6 +495,7 @@ mod tests {
             progress: tokio_mpsc::unbounded_channel().0,
             cancel: Arc::new(AtomicBool::new(false)),
             control: None,
+            refiner: None,
         }
     }
 

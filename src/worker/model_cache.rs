@@ -6,7 +6,9 @@
 //!   which is what its sessions hold in device memory, give or take the runtime's own buffers.
 //! - Before a model is loaded, the least recently used models are evicted until the new one fits
 //!   in the budget with those that stay. A model larger than the whole budget is still loaded,
-//!   alone. A budget of 0 keeps one model at a time.
+//!   alone. A budget of 0 keeps one model at a time. A model loaded for another's sake (a
+//!   refiner beside its base) may name one to keep: that one is never evicted for it, so a
+//!   base and its refiner are loaded together whatever the budget.
 //! - Each use compares the directory's fingerprint (every file's relative path, length and
 //!   modification time) with the one taken at load time; when the files were replaced the stale
 //!   engine is dropped and the model loaded again, so new weights take effect with the next job
@@ -31,6 +33,9 @@ pub struct ModelInfo {
     pub available: bool,
     /// Estimated memory of the loaded model: the bytes of its graphs and weights.
     pub estimated_bytes: u64,
+    /// A refiner is configured and its `model_index.json` is present: jobs may ask for
+    /// `refiner`.
+    pub refiner: bool,
 }
 
 /// Every configured model, in configuration order, for a capabilities listing.
@@ -47,6 +52,10 @@ pub fn list_models(models: &ModelsConfig) -> Vec<ModelInfo> {
                 default_height,
                 available: m.path.join("model_index.json").is_file(),
                 estimated_bytes: Fingerprint::of(&m.path).weight_bytes(),
+                refiner: m
+                    .refiner
+                    .as_ref()
+                    .is_some_and(|r| r.join("model_index.json").is_file()),
             }
         })
         .collect()
@@ -181,12 +190,32 @@ impl ModelCache {
         self.entries.last().map(|e| &e.engine)
     }
 
+    /// The loaded engine of model `name` at `path`.
+    pub fn get(&self, name: &str, path: &Path) -> Option<&Engine> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name && e.path == path)
+            .map(|e| &e.engine)
+    }
+
     /// Make model `name` at `path` the current one, loading it with `load` when it is not loaded
     /// or its files changed since it was. Returns the load time, `None` for a cache hit.
     pub fn ensure_loaded(
         &mut self,
         name: &str,
         path: &Path,
+        load: impl FnOnce(&Path) -> Result<Engine, EngineError>,
+    ) -> Result<Option<Duration>, LoadFailure> {
+        self.ensure_loaded_keeping(name, path, None, load)
+    }
+
+    /// [`ensure_loaded`](Self::ensure_loaded), never evicting the model `keep` (name, path) to
+    /// make room.
+    pub fn ensure_loaded_keeping(
+        &mut self,
+        name: &str,
+        path: &Path,
+        keep: Option<(&str, &Path)>,
         load: impl FnOnce(&Path) -> Result<Engine, EngineError>,
     ) -> Result<Option<Duration>, LoadFailure> {
         let fingerprint = Fingerprint::of(path);
@@ -203,7 +232,7 @@ impl ModelCache {
             tracing::info!(model = name, "model files changed on disk: reloading");
         }
         let bytes = fingerprint.weight_bytes();
-        self.make_room(bytes);
+        self.make_room(bytes, keep);
         let started = Instant::now();
         let engine = load(path).map_err(|source| LoadFailure {
             model: name.to_owned(),
@@ -226,12 +255,14 @@ impl ModelCache {
         Ok(Some(load_time))
     }
 
-    /// Evict least recently used models until `incoming` more bytes fit the budget.
-    fn make_room(&mut self, incoming: u64) {
-        while !self.entries.is_empty()
-            && (self.budget_bytes == 0 || self.used_bytes() + incoming > self.budget_bytes)
-        {
-            let evicted = self.entries.remove(0);
+    /// Evict least recently used models (but `keep`) until `incoming` more bytes fit the budget.
+    fn make_room(&mut self, incoming: u64, keep: Option<(&str, &Path)>) {
+        let kept = |e: &Entry| keep.is_some_and(|(name, path)| e.name == name && e.path == path);
+        while self.budget_bytes == 0 || self.used_bytes() + incoming > self.budget_bytes {
+            let Some(victim) = self.entries.iter().position(|e| !kept(e)) else {
+                break;
+            };
+            let evicted = self.entries.remove(victim);
             tracing::info!(model = %evicted.name, bytes = evicted.bytes, "model evicted");
         }
     }
@@ -260,6 +291,8 @@ mod tests {
         let mut models = ModelsConfig::default();
         models.models[0].path =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+        models.models[0].refiner =
+            Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-refiner"));
         let mut missing = models.models[0].clone();
         missing.name = "gone".to_owned();
         missing.path = PathBuf::from("/nonexistent/model");
@@ -270,6 +303,7 @@ mod tests {
         assert!(list[0].default && list[0].available);
         // The tiny pipeline's graphs weigh some megabytes.
         assert!(list[0].estimated_bytes > 1_000_000, "{:?}", list[0]);
+        assert!(list[0].refiner, "the tiny refiner is there");
         assert!(!list[1].default && !list[1].available);
         assert_eq!(list[1].estimated_bytes, 0);
     }

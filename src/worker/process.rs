@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::control;
-use super::engine_thread::{EngineFailure, EngineRun, ModelRef};
+use super::engine_thread::{EngineFailure, EngineRun, JobExtras, ModelRef, RefinerJob};
 use super::image_input;
 use super::result_cache;
 use super::run::{self, RunOutcome, StopReason};
@@ -135,7 +135,7 @@ async fn execute(
         return fail_invalid(ctx, id, Some(attempt), &errors).await;
     };
     let cache_key = result_cache::enabled(job, shared.config.worker.result_cache)
-        .then(|| result_cache::cache_key(job, &model.path));
+        .then(|| result_cache::cache_key(job, &model.path, model.refiner.as_deref()));
     if let Some(key) = &cache_key {
         if let Some(disposition) = serve_cached(ctx, job, &started, key).await {
             return disposition;
@@ -187,14 +187,26 @@ async fn execute(
         }
         _ => None,
     };
+    // Validation made sure the model has a refiner when the job asks for one.
+    let refiner = job
+        .refine()
+        .zip(model.refiner.as_ref())
+        .map(|(refine, path)| RefinerJob {
+            model: ModelRef {
+                name: format!("{}/refiner", model.name),
+                path: path.clone(),
+            },
+            refine,
+        });
     let timeout = run::job_timeout(&shared.config.worker, &request);
+    let extras = JobExtras { control, refiner };
     let outcome = run::run_engine(
         ctx,
         id,
         attempt,
         model_ref,
         request.clone(),
-        control,
+        extras,
         timeout,
     )
     .await;
@@ -299,6 +311,7 @@ async fn serve_cached(
         total_ms: ms(started.began.elapsed()),
         peak_gpu_mem_bytes: None,
         controlnet_ms: 0.0,
+        refiner_ms: 0.0,
     };
     let recorded = async {
         db.set_cache_key(id, attempt, key).await?;
@@ -337,7 +350,10 @@ async fn store(
     let timings = run.output.timings.clone();
 
     let png_started = Instant::now();
-    let pngs = match encode_images(&request, &job.model, run.output.images).await {
+    let refiner = job
+        .refine()
+        .map(|r| (format!("{}/refiner", job.model), r.handoff));
+    let pngs = match encode_images(&request, &job.model, refiner, run.output.images).await {
         Ok(pngs) => pngs,
         Err(err) => return fail(ctx, id, attempt, err.code(), &err.to_string(), None).await,
     };
@@ -359,6 +375,7 @@ async fn store(
         step_ms: timings.per_step.iter().copied().map(ms).collect(),
         session_run_ms: ms(timings.denoising_session_run),
         controlnet_ms: ms(timings.controlnet),
+        refiner_ms: ms(timings.refiner_text_encoding + timings.refiner_denoising),
         vae_ms: ms(timings.vae_decode),
         png_ms: ms(png_time),
         upload_ms: ms(upload_time),
@@ -554,9 +571,12 @@ impl PngFailure {
 }
 
 /// Encodes every image as PNG with A1111 parameters, on the blocking pool.
+/// PNG-encode the images with their A1111 `parameters` text (`refiner`: the refiner's name and
+/// hand-off, written as A1111's "Refiner" and "Refiner switch at").
 async fn encode_images(
     request: &GenerateRequest,
     model: &str,
+    refiner: Option<(String, f64)>,
     images: Vec<GeneratedImage>,
 ) -> Result<Vec<EncodedImage>, PngFailure> {
     let request = request.clone();
@@ -565,7 +585,14 @@ async fn encode_images(
         images
             .into_iter()
             .map(|image| {
-                let parameters = PngParameters::from_request(&request, image.index, Some(&model));
+                let mut parameters =
+                    PngParameters::from_request(&request, image.index, Some(&model));
+                if let Some((name, handoff)) = &refiner {
+                    parameters.extra.push(("Refiner".to_owned(), name.clone()));
+                    parameters
+                        .extra
+                        .push(("Refiner switch at".to_owned(), handoff.to_string()));
+                }
                 let text = parameters.to_a1111();
                 let png = encode_png(&image.rgb, image.width, image.height, Some(&text))?;
                 Ok(EncodedImage {

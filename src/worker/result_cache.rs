@@ -5,7 +5,8 @@
 //! The key is the normalized request without what does not change the images (`id`,
 //! `priority`, `metadata`, `cache`), with the model's name, a digest of the model directory's
 //! files (paths, sizes, modification times: replaced weights make new keys) and this build's
-//! version. The seed is part of the request, so only a job with a recorded seed can hit. The
+//! version; for a refined job also a digest of the refiner's directory. The seed is part of the
+//! request, so only a job with a recorded seed can hit. The
 //! copied PNGs are byte for byte those of the earlier job, whose `parameters` text is the same
 //! for the same request.
 //!
@@ -35,16 +36,21 @@ pub fn enabled(job: &ValidJob, deployment_default: bool) -> bool {
     !controlled && !img2img && job.message.cache.unwrap_or(deployment_default)
 }
 
-/// The cache key of a job run with the model at `model_path`.
-pub fn cache_key(job: &ValidJob, model_path: &Path) -> String {
+/// The cache key of a job run with the model at `model_path` (and, for a refined job, the
+/// refiner at `refiner_path`).
+pub fn cache_key(job: &ValidJob, model_path: &Path, refiner_path: Option<&Path>) -> String {
     let mut message = job.message.clone();
     message.id = Uuid::nil();
     message.priority = None;
     message.metadata = None;
     message.cache = None;
     let request = serde_json::to_string(&message).unwrap_or_default();
+    let refiner = match (&message.refiner, refiner_path) {
+        (Some(_), Some(path)) => format!(" | refiner {:016x}", Fingerprint::of(path).digest()),
+        _ => String::new(),
+    };
     format!(
-        "sdxl-worker {} | model {} {:016x} | {request}",
+        "sdxl-worker {} | model {} {:016x}{refiner} | {request}",
         env!("CARGO_PKG_VERSION"),
         job.model,
         Fingerprint::of(model_path).digest()

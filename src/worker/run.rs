@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
-use super::engine_thread::{EngineFailure, EngineJob, EngineRun, ModelRef};
+use super::engine_thread::{EngineFailure, EngineJob, EngineRun, JobExtras, ModelRef};
 use crate::config::WorkerConfig;
 use crate::db::ProgressOutcome;
 use crate::engine::{GenerateRequest, Progress};
@@ -109,7 +109,7 @@ pub(crate) async fn run_engine(
     attempt: i32,
     model: ModelRef,
     request: GenerateRequest,
-    control: Option<super::control::ControlJob>,
+    extras: JobExtras,
     timeout: Duration,
 ) -> RunOutcome {
     let worker = &ctx.shared.config.worker;
@@ -134,7 +134,8 @@ pub(crate) async fn run_engine(
         request,
         progress: progress_tx,
         cancel,
-        control,
+        control: extras.control,
+        refiner: extras.refiner,
     };
     let run = ctx.engine.run(job);
     tokio::pin!(run);
