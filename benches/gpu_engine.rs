@@ -17,6 +17,10 @@
 //! - `BENCH_STEPS` (default 30), `BENCH_SIZE` (default 1024), `BENCH_RUNS` (default 3).
 //! - `BENCH_OUT`: where to write the JSON report (default: stdout only).
 //!
+//! Under `cargo test` it runs 2 steps of the tiny model on the CPU for each of `host_io`,
+//! `default` and `graph` (the latter two through device-bound buffers on the CPU), and fails if
+//! any of them fails.
+//!
 //! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
 //! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, and inside
 //! ONNX Runtime), text encoding, VAE decoding, GPU busy ratio (NVML utilization sampled every
@@ -149,6 +153,8 @@ fn run_variant(
     let options = EngineOptions {
         device,
         cuda,
+        // On the CPU (the smoke run), take the same device-binding path as CUDA does.
+        bind_io_on_cpu: device == Device::Cpu && cuda.io_binding,
         ..EngineOptions::default()
     };
     let started = Instant::now();
@@ -208,27 +214,49 @@ fn run_variant(
 }
 
 fn main() {
-    let Some(model) = std::env::var_os("BENCH_MODEL").map(PathBuf::from) else {
+    // Under `cargo test` (no `--bench`), a smoke run on the tiny model on the CPU, through the
+    // device-binding and static-shape paths, that fails if any variant fails.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let model = if smoke {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+    } else if let Some(model) = std::env::var_os("BENCH_MODEL") {
+        PathBuf::from(model)
+    } else {
         eprintln!(
             "BENCH_MODEL (a model directory) is required; see the header of benches/gpu_engine.rs"
         );
         std::process::exit(2);
     };
-    let device: Device = std::env::var("BENCH_DEVICE")
-        .unwrap_or_else(|_| "cuda:0".into())
-        .parse()
-        .unwrap_or_else(|e| {
-            eprintln!("BENCH_DEVICE: {e}");
-            std::process::exit(2)
-        });
-    let variants =
-        std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "host_io,default,nhwc,graph".into());
-    let request = request(
-        env_or("BENCH_IMAGES", 1),
-        env_or("BENCH_STEPS", 30),
-        env_or("BENCH_SIZE", 1024),
-    );
-    let runs = env_or("BENCH_RUNS", 3usize).max(1);
+    let device: Device = if smoke {
+        Device::Cpu
+    } else {
+        std::env::var("BENCH_DEVICE")
+            .unwrap_or_else(|_| "cuda:0".into())
+            .parse()
+            .unwrap_or_else(|e| {
+                eprintln!("BENCH_DEVICE: {e}");
+                std::process::exit(2)
+            })
+    };
+    let variants = if smoke {
+        "host_io,default,graph".to_owned()
+    } else {
+        std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "host_io,default,nhwc,graph".into())
+    };
+    let request = if smoke {
+        request(1, 2, 64)
+    } else {
+        request(
+            env_or("BENCH_IMAGES", 1),
+            env_or("BENCH_STEPS", 30),
+            env_or("BENCH_SIZE", 1024),
+        )
+    };
+    let runs = if smoke {
+        1
+    } else {
+        env_or("BENCH_RUNS", 3usize).max(1)
+    };
     let nvml = sdxl_worker::worker::devices::nvml();
     let mut results = Vec::new();
     for spec in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -237,6 +265,10 @@ fn main() {
             Err(e) => json!({ "variant": spec, "error": e }),
         };
         println!("{result}");
+        if smoke && result.get("error").is_some() {
+            eprintln!("variant {spec} failed");
+            std::process::exit(1);
+        }
         results.push(result);
     }
     let report = json!({

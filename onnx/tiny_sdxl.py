@@ -96,17 +96,19 @@ def _reinit(module, generator):
 
     Weights get a normal draw scaled by 1/sqrt(fan_in) (unit-variance activations through each
     layer); biases and normalisation offsets get small values, normalisation scales stay near 1.
+    The draws happen on the parameters' device, with a generator on that device.
     """
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
             leaf = name.rsplit(".", 1)[-1]
+            draw = lambda: torch.randn(p.shape, generator=generator, device=p.device)  # noqa: E731
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+                p.copy_(draw() / math.sqrt(fan_in))
             elif leaf == "weight":
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+                p.copy_(1.0 + 0.1 * draw())
             else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+                p.copy_(0.05 * draw())
 
 
 def build_tiny_pipeline(seed=SEED):

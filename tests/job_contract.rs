@@ -586,7 +586,10 @@ fn schema_fields_are_the_message_fields() {
         // `null` means absent, and absent fields are not written back.
         let mut present = example.as_object().unwrap().clone();
         present.retain(|_, v| !v.is_null());
-        assert_eq!(serde_json::to_value(&typed).unwrap(), Value::Object(present));
+        assert_eq!(
+            serde_json::to_value(&typed).unwrap(),
+            Value::Object(present)
+        );
         used.extend(example.as_object().unwrap().keys().cloned());
     }
     let all: std::collections::BTreeSet<String> = FIELDS.iter().map(|f| f.to_string()).collect();

@@ -8,10 +8,14 @@ not depend on the values of the weights. The tokenizers are the repository's CLI
 (tests/fixtures/tiny-sdxl), which carry the real CLIP vocabulary.
 """
 
-import math
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "onnx"))
+
+from tiny_sdxl import SCHEDULER, _reinit  # noqa: E402  (the same scheduler and weight draws)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TOKENIZERS = os.path.join(REPO, "tests", "fixtures", "tiny-sdxl")
@@ -76,35 +80,6 @@ VAE = dict(
     scaling_factor=0.13025,
     force_upcast=True,
 )
-
-SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
-
-
-def _reinit(module, generator):
-    """Scaled normal draws: 1/sqrt(fan_in) for matrices and kernels, ~1 for norm scales."""
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(
-                    torch.randn(p.shape, generator=generator, device=p.device) / math.sqrt(fan_in)
-                )
-            elif leaf == "weight":
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator, device=p.device))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=generator, device=p.device))
-
 
 def build(device="cuda", seed=SEED):
     """The fp32 pipeline on `device`, identical for a given seed on a given device."""

@@ -172,6 +172,7 @@ mod tests {
             path: PathBuf::from(path),
             default_width: None,
             default_height: None,
+            refiner: None,
         }
     }
 
