@@ -38,7 +38,6 @@ fn main() {
         &EngineOptions {
             device: Device::Cpu,
             intra_threads: Some(1),
-            tf32: false,
             ..EngineOptions::default()
         },
     )

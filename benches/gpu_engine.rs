@@ -12,14 +12,17 @@
 //! - `BENCH_VARIANTS`: comma-separated settings to compare, each a `+`-joined list of changes
 //!   from the defaults of [`CudaOptions`]: `default`, `host_io` (no device binding), `nhwc`,
 //!   `graph` (CUDA graph), `flash`, `efficient`, `cudnn_flash`, `math` (attention kernel),
-//!   `heuristic` (convolution search), `pow2_arena`. Default: `host_io,default,nhwc,graph`.
-//! - `BENCH_IMAGES`: images per run (default 1; 4 is the dynamic batch).
+//!   `heuristic` (convolution search), `pow2_arena`, and `tf32` (TF32 math in the float32
+//!   graphs: text encoders and VAE). Default: `host_io,default,nhwc,graph`.
+//! - `BENCH_IMAGES`: images per request (default 1).
+//! - `BENCH_JOBS`: requests per run (default 1). Above 1 they differ in prompt and seed and run
+//!   as one dynamic batch ([`Engine::generate_batch`]), as the worker runs compatible jobs.
 //! - `BENCH_STEPS` (default 30), `BENCH_SIZE` (default 1024), `BENCH_RUNS` (default 3).
 //! - `BENCH_OUT`: where to write the JSON report (default: stdout only).
 //!
-//! Under `cargo test` it runs 2 steps of the tiny model on the CPU for each of `host_io`,
-//! `default` and `graph` (the latter two through device-bound buffers on the CPU), and fails if
-//! any of them fails.
+//! Under `cargo test` it runs two jobs of 2 steps as one batch on the tiny model on the CPU for
+//! each of `host_io`, `default` and `graph` (the latter two through device-bound buffers on the
+//! CPU), and fails if any of them fails.
 //!
 //! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
 //! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, and inside
@@ -60,6 +63,7 @@ fn variant(spec: &str) -> Result<CudaOptions, String> {
     for part in spec.split('+').map(str::trim) {
         match part {
             "default" => {}
+            "tf32" => o.tf32 = true,
             "host_io" => o.io_binding = false,
             "nhwc" => o.prefer_nhwc = true,
             "graph" => o.graph = true,
@@ -106,10 +110,16 @@ impl BusySampler {
     }
 }
 
+const PROMPTS: [&str; 4] = [
+    "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus",
+    "a lighthouse on a cliff above a stormy sea at dusk, oil painting",
+    "a bowl of ramen with a soft egg, studio lighting, food photography",
+    "an isometric drawing of a small wooden cabin in a pine forest",
+];
+
 fn request(images: u32, steps: u32, size: u32) -> GenerateRequest {
     GenerateRequest {
-        prompt: "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
-            .into(),
+        prompt: PROMPTS[0].into(),
         prompt_2: None,
         negative_prompt: Some("blurry, low quality".into()),
         negative_prompt_2: None,
@@ -130,15 +140,28 @@ fn request(images: u32, steps: u32, size: u32) -> GenerateRequest {
     }
 }
 
+/// `jobs` requests like `base`, each with its own prompt and seed.
+fn jobs(base: &GenerateRequest, jobs: usize) -> Vec<GenerateRequest> {
+    (0..jobs)
+        .map(|j| GenerateRequest {
+            prompt: PROMPTS[j % PROMPTS.len()].into(),
+            seed: base.seed + j as u64,
+            ..base.clone()
+        })
+        .collect()
+}
+
 fn run_variant(
     model: &PathBuf,
     device: Device,
     spec: &str,
-    request: &GenerateRequest,
+    requests: &[GenerateRequest],
     runs: usize,
     nvml: Option<Arc<Nvml>>,
 ) -> Result<Value, String> {
     let cuda = variant(spec)?;
+    let request = &requests[0];
+    let images: u32 = requests.iter().map(|r| r.num_images).sum();
     let index = match device {
         Device::Cuda { index } => index,
         Device::Cpu => 0,
@@ -162,10 +185,26 @@ fn run_variant(
     let load = started.elapsed();
     let go = || -> Result<(Duration, StageTimings), String> {
         let started = Instant::now();
-        let out = engine
-            .generate(request, &mut |_| ControlFlow::Continue(()))
-            .map_err(|e| format!("generate: {e}"))?;
-        Ok((started.elapsed(), out.timings))
+        let timings = if requests.len() == 1 {
+            engine
+                .generate(request, &mut |_| ControlFlow::Continue(()))
+                .map_err(|e| format!("generate: {e}"))?
+                .timings
+        } else {
+            let refs: Vec<&GenerateRequest> = requests.iter().collect();
+            let mut outputs = engine.generate_batch(&refs, &mut |_, _| ControlFlow::Continue(()));
+            let mut total = outputs
+                .remove(0)
+                .map_err(|e| format!("generate_batch: {e}"))?;
+            // Every job of the batch has the batch's step times; decoding is per job.
+            for other in outputs {
+                let other = other.map_err(|e| format!("generate_batch: {e}"))?;
+                total.timings.vae_decode += other.timings.vae_decode;
+                total.timings.text_encoding += other.timings.text_encoding;
+            }
+            total.timings
+        };
+        Ok((started.elapsed(), timings))
     };
     let (first, _) = go()?;
     let sampler = BusySampler::start(nvml.clone(), index);
@@ -192,14 +231,15 @@ fn run_variant(
     Ok(json!({
         "variant": spec,
         "cuda": cuda,
-        "images": request.num_images,
+        "jobs": requests.len(),
+        "images": images,
         "steps": request.steps,
         "size": request.width,
         "load_s": load.as_secs_f64(),
         "first_run_s": first.as_secs_f64(),
         "run_s": wall.as_secs_f64(),
         "runs_s": walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-        "images_per_s": f64::from(request.num_images) / wall.as_secs_f64(),
+        "images_per_s": f64::from(images) / wall.as_secs_f64(),
         "unet_step_ms": ms(step),
         "unet_step_session_run_ms": ms(median(steps_run)),
         "text_encoding_ms": ms(stage(|t| t.text_encoding)),
@@ -243,14 +283,16 @@ fn main() {
     } else {
         std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "host_io,default,nhwc,graph".into())
     };
-    let request = if smoke {
-        request(1, 2, 64)
+    let requests = if smoke {
+        // Two jobs, so that the smoke run goes through the dynamic batch too.
+        jobs(&request(1, 2, 64), 2)
     } else {
-        request(
+        let base = request(
             env_or("BENCH_IMAGES", 1),
             env_or("BENCH_STEPS", 30),
             env_or("BENCH_SIZE", 1024),
-        )
+        );
+        jobs(&base, env_or("BENCH_JOBS", 1usize).max(1))
     };
     let runs = if smoke {
         1
@@ -260,7 +302,7 @@ fn main() {
     let nvml = sdxl_worker::worker::devices::nvml();
     let mut results = Vec::new();
     for spec in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let result = match run_variant(&model, device, spec, &request, runs, nvml.clone()) {
+        let result = match run_variant(&model, device, spec, &requests, runs, nvml.clone()) {
             Ok(v) => v,
             Err(e) => json!({ "variant": spec, "error": e }),
         };

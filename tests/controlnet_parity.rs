@@ -87,7 +87,6 @@ fn controlnets() -> &'static ControlNets {
         let options = EngineOptions {
             device: common::test_device(),
             intra_threads: Some(1),
-            tf32: false,
             ..EngineOptions::default()
         };
         ControlNets::load(&paths, common::tiny_engine().model(), &options)
@@ -326,7 +325,6 @@ fn plain_unet_still_works_and_zero_residuals_are_exact() {
     let options = EngineOptions {
         device: common::test_device(),
         intra_threads: Some(1),
-        tf32: false,
         ..EngineOptions::default()
     };
     let plain = Engine::load(copy.path(), &options).expect("plain export loads");
@@ -366,7 +364,6 @@ fn an_onnx_preprocessor_turns_a_photo_into_a_control_image() {
     let options = EngineOptions {
         device: common::test_device(),
         intra_threads: Some(1),
-        tf32: false,
         ..EngineOptions::default()
     };
     let nets = ControlNets::load(&paths, common::tiny_engine().model(), &options)

@@ -44,6 +44,7 @@ fn metrics() -> JobMetrics {
         peak_gpu_mem_bytes: Some(3 << 30),
         controlnet_ms: 0.0,
         refiner_ms: 120.5,
+        batch_size: 3,
     }
 }
 

@@ -22,7 +22,6 @@ fn engine(bind: bool, graph: bool, graph_shapes: usize) -> Engine {
             graph_shapes,
             ..CudaOptions::default()
         },
-        ..EngineOptions::default()
     };
     Engine::load(common::tiny_model_dir(), &options).expect("load the tiny pipeline")
 }

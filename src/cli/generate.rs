@@ -107,7 +107,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let options = EngineOptions {
         device: args.device,
         intra_threads: args.threads,
-        tf32: args.tf32,
+        cuda: crate::engine::cuda::CudaOptions {
+            tf32: args.tf32,
+            ..Default::default()
+        },
         ..EngineOptions::default()
     };
     let engine = Engine::load(&args.model, &options)

@@ -70,6 +70,17 @@ fn database(s: &Settings) -> Result<(), Failure> {
 fn worker(s: &Settings) -> Result<(), Failure> {
     let w = &s.worker;
     at_least("worker.prefetch", w.prefetch, 1)?;
+    at_least("worker.max_batch", w.max_batch, 1)?;
+    if w.prefetch < w.max_batch {
+        return Err((
+            "worker.prefetch",
+            format!(
+                "is {} but worker.max_batch is {}: a consumer batches only the jobs it holds, so \
+                 prefetch must be at least max_batch",
+                w.prefetch, w.max_batch
+            ),
+        ));
+    }
     at_least("worker.max_attempts", w.max_attempts, 1)?;
     at_least("worker.progress_interval_ms", w.progress_interval_ms, 1)?;
     at_least("worker.poll_interval_ms", w.poll_interval_ms, 1)?;

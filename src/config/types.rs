@@ -208,6 +208,12 @@ pub struct WorkerConfig {
     pub devices: DevicesSetting,
     /// Jobs a GPU consumer holds at once (claimed but unfinished).
     pub prefetch: u32,
+    /// Most jobs one consumer denoises together in one UNet batch (dynamic batching); 1 runs
+    /// every job alone. Batches form from the jobs a consumer holds, so `prefetch` must be at
+    /// least this (twice this lets the next batch gather while the last one is stored).
+    pub max_batch: u32,
+    /// How long a batch waits for jobs that are being claimed when it starts, at most.
+    pub batch_window_ms: u64,
     /// Attempts before a job that keeps failing with retryable errors is marked failed.
     pub max_attempts: u32,
     /// Least time between two progress updates of a job row.
@@ -249,6 +255,8 @@ impl Default for WorkerConfig {
             id: None,
             devices: DevicesSetting::List(vec![Device::Cpu]),
             prefetch: 1,
+            max_batch: 1,
+            batch_window_ms: 50,
             max_attempts: 3,
             progress_interval_ms: 500,
             poll_interval_ms: 200,

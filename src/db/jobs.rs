@@ -230,8 +230,8 @@ impl Db {
         sqlx::query(
             "INSERT INTO job_metrics (job_id, queue_wait_ms, model_load_ms, text_encoding_ms, \
              denoising_ms, step_ms, session_run_ms, vae_ms, png_ms, upload_ms, total_ms, \
-             peak_gpu_mem_bytes, controlnet_ms, refiner_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             peak_gpu_mem_bytes, controlnet_ms, refiner_ms, batch_size) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (job_id) DO UPDATE SET queue_wait_ms = EXCLUDED.queue_wait_ms, \
              model_load_ms = EXCLUDED.model_load_ms, \
              text_encoding_ms = EXCLUDED.text_encoding_ms, denoising_ms = EXCLUDED.denoising_ms, \
@@ -239,7 +239,7 @@ impl Db {
              vae_ms = EXCLUDED.vae_ms, png_ms = EXCLUDED.png_ms, upload_ms = EXCLUDED.upload_ms, \
              total_ms = EXCLUDED.total_ms, peak_gpu_mem_bytes = EXCLUDED.peak_gpu_mem_bytes, \
              controlnet_ms = EXCLUDED.controlnet_ms, refiner_ms = EXCLUDED.refiner_ms, \
-             recorded_at = now()",
+             batch_size = EXCLUDED.batch_size, recorded_at = now()",
         )
         .bind(id)
         .bind(metrics.queue_wait_ms)
@@ -255,6 +255,7 @@ impl Db {
         .bind(peak)
         .bind(metrics.controlnet_ms)
         .bind(metrics.refiner_ms)
+        .bind(i32::try_from(metrics.batch_size).unwrap_or(i32::MAX))
         .execute(&mut *tx)
         .await
         .map_err(query_error(op))?;
@@ -401,7 +402,7 @@ impl Db {
         let row = sqlx::query(
             "SELECT queue_wait_ms, model_load_ms, text_encoding_ms, denoising_ms, step_ms, \
              session_run_ms, vae_ms, png_ms, upload_ms, total_ms, peak_gpu_mem_bytes, \
-             controlnet_ms, refiner_ms FROM job_metrics WHERE job_id = $1",
+             controlnet_ms, refiner_ms, batch_size FROM job_metrics WHERE job_id = $1",
         )
         .bind(id)
         .fetch_optional(self.pool())
@@ -490,5 +491,6 @@ fn metrics_row(r: &PgRow) -> Result<JobMetrics, sqlx::Error> {
         peak_gpu_mem_bytes: peak.map(|p| u64::try_from(p).unwrap_or(0)),
         controlnet_ms: r.try_get("controlnet_ms")?,
         refiner_ms: r.try_get("refiner_ms")?,
+        batch_size: u32::try_from(r.try_get::<i32, _>("batch_size")?).unwrap_or(1),
     })
 }

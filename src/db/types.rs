@@ -93,6 +93,13 @@ pub struct JobMetrics {
     /// refiner; `denoising_ms` is then the base's part alone).
     #[serde(default)]
     pub refiner_ms: f64,
+    /// Jobs that shared this job's UNet batch (dynamic batching; 1 when it ran alone).
+    #[serde(default = "one")]
+    pub batch_size: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The status row of a job.

@@ -356,7 +356,7 @@ impl ControlNets {
         let session_options = SessionOptions {
             device: options.device,
             intra_threads: options.intra_threads,
-            tf32: options.tf32,
+            tf32: options.cuda.tf32,
             cuda: options.cuda,
             graph_capture: false,
         };

@@ -6,6 +6,7 @@
 //! This module knows nothing of RabbitMQ, Postgres or object storage: callers hand it a
 //! [`GenerateRequest`] and get back images and timings.
 
+pub mod batch;
 pub mod canny;
 pub mod control_image;
 pub mod controlnet;
@@ -43,14 +44,7 @@ pub struct EngineOptions {
     pub device: Device,
     /// Threads inside one operator on CPU (`None`: ONNX Runtime's default, one per core).
     pub intra_threads: Option<usize>,
-    /// Let the CUDA execution provider use TF32 tensor cores for float32 matrix products and
-    /// convolutions (faster, about 3 decimal digits). Off by default, so float32 graphs compute
-    /// what the CPU and diffusers' float32 reference compute. No effect on the CPU. Graphs with
-    /// only float16 inputs and outputs (the fused UNet) always run with TF32 allowed: ONNX
-    /// Runtime's `use_tf32 = 0` also takes float16 math off its fast path (measured: 132 ms
-    /// against 35 ms per UNet step on an H200).
-    pub tf32: bool,
-    /// CUDA execution provider settings (no effect on the CPU).
+    /// CUDA execution provider settings (no effect on the CPU), TF32 among them.
     pub cuda: cuda::CudaOptions,
     /// Run the UNet through device-bound buffers on the CPU provider too (and, with
     /// `cuda.graph`, through static-shape sessions). It only adds copies there; it exists to
@@ -63,7 +57,6 @@ impl Default for EngineOptions {
         Self {
             device: Device::Cpu,
             intra_threads: None,
-            tf32: false,
             cuda: cuda::CudaOptions::default(),
             bind_io_on_cpu: false,
         }
@@ -227,6 +220,8 @@ pub struct GenerateOutput {
     /// Final latents before VAE scaling, image-major.
     pub latents: Vec<f32>,
     pub timings: StageTimings,
+    /// Runs that shared this run's UNet batch ([`Engine::generate_batch`]); 1 when it ran alone.
+    pub batch_size: usize,
 }
 
 #[cfg(test)]

@@ -340,6 +340,7 @@ impl Engine {
             images,
             latents: run.latents,
             timings: run.timings,
+            batch_size: 1,
         })
     }
 
@@ -413,11 +414,7 @@ impl Engine {
         )?;
         for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let step_started = Instant::now();
-            model_input[..per_batch].copy_from_slice(latents);
-            scheduler.scale_model_input(&mut model_input[..per_batch], i);
-            if shape.guidance {
-                model_input.copy_within(..per_batch, per_batch);
-            }
+            fill_block(scheduler, latents, i, shape.guidance, &mut model_input);
             let residuals = control.step(
                 i,
                 timesteps.len(),
@@ -437,28 +434,16 @@ impl Engine {
                     ),
                 });
             }
-            if out.iter().any(|v| !v.is_finite()) {
-                return Err(EngineError::NonFinite {
-                    stage: UNET,
-                    hint: String::new(),
-                });
-            }
-            let noise_pred: &[f32] = if shape.guidance {
-                let (uncond, cond) = out.split_at(per_batch);
-                guidance::apply_guidance(uncond, cond, state.request.guidance_scale, &mut guided);
-                if state.request.guidance_rescale > 0.0 {
-                    guidance::rescale_guidance(
-                        &mut guided,
-                        cond,
-                        shape.per_image(),
-                        state.request.guidance_rescale,
-                    );
-                }
-                &guided
-            } else {
-                &out
-            };
-            scheduler.step(noise_pred, i, latents, state.noise);
+            update_block(
+                state.request,
+                &shape,
+                &out,
+                &mut guided,
+                i,
+                scheduler,
+                latents,
+                state.noise,
+            )?;
             state.timings.per_step.push(step_started.elapsed());
             state.timings.per_step_session_run.push(result.session_time);
             state.timings.denoising_session_run += result.session_time;
@@ -545,11 +530,61 @@ pub(super) struct Prepared {
     pub timings: StageTimings,
 }
 
+/// Write one run's block of the UNet batch for evaluation `i`: its latents scaled by the
+/// scheduler, twice (negative and positive rows) under guidance. `block` holds the run's rows.
+pub(super) fn fill_block(
+    scheduler: &dyn Scheduler,
+    latents: &[f32],
+    i: usize,
+    guidance: bool,
+    block: &mut [f32],
+) {
+    let n = latents.len();
+    block[..n].copy_from_slice(latents);
+    scheduler.scale_model_input(&mut block[..n], i);
+    if guidance {
+        block.copy_within(..n, n);
+    }
+}
+
+/// Apply classifier-free guidance to one run's block of the UNet output and step its
+/// scheduler. `guided` is scratch space of one run's latent size.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn update_block(
+    request: &GenerateRequest,
+    shape: &RunShape,
+    out: &[f32],
+    guided: &mut [f32],
+    i: usize,
+    scheduler: &mut dyn Scheduler,
+    latents: &mut [f32],
+    noise: &mut BatchNoise,
+) -> Result<(), EngineError> {
+    if out.iter().any(|v| !v.is_finite()) {
+        return Err(EngineError::NonFinite {
+            stage: UNET,
+            hint: String::new(),
+        });
+    }
+    let noise_pred: &[f32] = if shape.guidance {
+        let (uncond, cond) = out.split_at(latents.len());
+        guidance::apply_guidance(uncond, cond, request.guidance_scale, guided);
+        if request.guidance_rescale > 0.0 {
+            guidance::rescale_guidance(guided, cond, shape.per_image(), request.guidance_rescale);
+        }
+        guided
+    } else {
+        out
+    };
+    scheduler.step(noise_pred, i, latents, noise);
+    Ok(())
+}
+
 fn session_options(options: &EngineOptions) -> SessionOptions {
     SessionOptions {
         device: options.device,
         intra_threads: options.intra_threads,
-        tf32: options.tf32,
+        tf32: options.cuda.tf32,
         cuda: options.cuda,
         graph_capture: false,
     }
@@ -563,14 +598,27 @@ fn unet_err(source: ort::Error) -> EngineError {
 }
 
 /// The UNet inputs that stay the same for every step.
-struct UnetConstants {
-    encoder_hidden_states: DynValue,
-    text_embeds: DynValue,
-    time_ids: DynValue,
+pub(super) struct UnetConstants {
+    pub encoder_hidden_states: DynValue,
+    pub text_embeds: DynValue,
+    pub time_ids: DynValue,
 }
 
-impl UnetConstants {
-    fn new(
+/// One run's conditioning rows on the host, in the batch order `[negative; positive]` (only
+/// positive without guidance), each repeated once per image.
+pub(super) struct ConditioningRows {
+    rows: usize,
+    seq: usize,
+    width: usize,
+    hidden: Vec<f32>,
+    pooled: Vec<f32>,
+    pooled_width: usize,
+    time_ids: Vec<f32>,
+    time_ids_width: usize,
+}
+
+impl ConditioningRows {
+    pub(super) fn new(
         model: &SdxlModel,
         conditioning: &Conditioning,
         request: &GenerateRequest,
@@ -617,7 +665,6 @@ impl UnetConstants {
         } else {
             (time_ids(request).to_vec(), time_ids(request).to_vec())
         };
-        // Rows follow the batch order `[negative; positive]` (only positive without guidance).
         let mut time_ids = Vec::with_capacity(rows * width);
         for row in 0..rows {
             let negative = shape.guidance && row < shape.images;
@@ -627,6 +674,60 @@ impl UnetConstants {
                 &positive_ids
             });
         }
+        Ok(Self {
+            rows,
+            seq: pos.seq,
+            width: pos.width,
+            hidden,
+            pooled,
+            pooled_width: pos.pooled.len(),
+            time_ids,
+            time_ids_width: width,
+        })
+    }
+}
+
+impl UnetConstants {
+    fn new(
+        model: &SdxlModel,
+        conditioning: &Conditioning,
+        request: &GenerateRequest,
+        shape: &RunShape,
+        aesthetic: AestheticScores,
+    ) -> Result<Self, EngineError> {
+        let rows = ConditioningRows::new(model, conditioning, request, shape, aesthetic)?;
+        Self::stack(model, &[&rows])
+    }
+
+    /// The constants of several runs stacked along the batch axis, in the order given. Every
+    /// part must have the same sequence length and widths.
+    pub(super) fn stack(
+        model: &SdxlModel,
+        parts: &[&ConditioningRows],
+    ) -> Result<Self, EngineError> {
+        let unet = &model.unet;
+        let Some(first) = parts.first() else {
+            return Err(EngineError::invalid("prompt", "no run to condition"));
+        };
+        let same = |p: &&&ConditioningRows| {
+            (p.seq, p.width, p.pooled_width, p.time_ids_width)
+                == (
+                    first.seq,
+                    first.width,
+                    first.pooled_width,
+                    first.time_ids_width,
+                )
+        };
+        if !parts.iter().all(|p| same(&p)) {
+            return Err(EngineError::UnexpectedOutput {
+                stage: UNET,
+                message: "runs with different conditioning shapes cannot share a batch".to_owned(),
+            });
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let concat = |pick: fn(&ConditioningRows) -> &[f32]| -> Vec<f32> {
+            parts.iter().flat_map(|p| pick(p).iter().copied()).collect()
+        };
         let r = rows as i64;
         let make = |info: &TensorInfo, shape: &[i64], data: &[f32]| {
             tensor::float_value(info.elem, shape, data).map_err(unet_err)
@@ -634,11 +735,19 @@ impl UnetConstants {
         Ok(Self {
             encoder_hidden_states: make(
                 &unet.encoder_hidden_states,
-                &[r, pos.seq as i64, pos.width as i64],
-                &hidden,
+                &[r, first.seq as i64, first.width as i64],
+                &concat(|p| &p.hidden),
             )?,
-            text_embeds: make(&unet.text_embeds, &[r, pos.pooled.len() as i64], &pooled)?,
-            time_ids: make(&unet.time_ids, &[r, width as i64], &time_ids)?,
+            text_embeds: make(
+                &unet.text_embeds,
+                &[r, first.pooled_width as i64],
+                &concat(|p| &p.pooled),
+            )?,
+            time_ids: make(
+                &unet.time_ids,
+                &[r, first.time_ids_width as i64],
+                &concat(|p| &p.time_ids),
+            )?,
         })
     }
 }

@@ -110,7 +110,7 @@ pub struct SessionOptions {
     pub device: Device,
     /// Threads inside one operator on CPU (`None`: ONNX Runtime's default).
     pub intra_threads: Option<usize>,
-    /// CUDA only: allow TF32 for float32 math (see [`crate::engine::EngineOptions::tf32`]).
+    /// CUDA only: allow TF32 for float32 math (see [`crate::engine::cuda::CudaOptions::tf32`]).
     pub tf32: bool,
     /// CUDA only: provider settings.
     pub cuda: CudaOptions,

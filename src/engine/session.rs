@@ -93,7 +93,7 @@ impl Component {
         }
         // ONNX Runtime's `use_tf32 = 0` also slows float16 graphs about fourfold (measured on
         // an H200: 132 ms against 35 ms per UNet step), so TF32 stays on for graphs without
-        // float32 inputs or outputs; `tf32` decides for float32 graphs (see `EngineOptions`).
+        // float32 inputs or outputs; `tf32` decides for float32 graphs (see `CudaOptions::tf32`).
         let mut first = *options;
         first.tf32 = true;
         let mut session = runtime::load_session_with_dims(&path, &first, dims)?;

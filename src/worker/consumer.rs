@@ -1,7 +1,9 @@
 //! A GPU-scoped consumer: one per device. It pulls work with basic.get, the high lane always
 //! before the normal lane, only while it holds fewer than `worker.prefetch` jobs, and runs each
-//! job's inference on its own engine thread, one job at a time. With `worker.prefetch` 2 the
-//! next job's denoising overlaps the previous job's PNG encoding, upload and result write.
+//! job's inference on its own engine thread. With `worker.prefetch` 2 the next job's denoising
+//! overlaps the previous job's PNG encoding, upload and result write. With `worker.max_batch`
+//! N above 1, up to N compatible jobs hold the engine at once and denoise as one batch (see
+//! [`super::engine_batch`]); a job that cannot be batched holds it alone.
 //!
 //! When the configured models change (a reload), the engine thread drops the loaded models
 //! that are no longer configured at their directory, after the job it is running.
@@ -19,6 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::devices::GpuMemoryProbe;
+use super::engine_batch::Batching;
 use super::engine_thread::{EngineThread, ModelRef};
 use super::{process, Shared, WorkerError};
 use crate::broker::WorkPuller;
@@ -30,8 +33,11 @@ pub(crate) struct ConsumerContext {
     /// `cpu` or `cuda:N`, as recorded in job rows.
     pub device: String,
     pub engine: EngineThread,
-    /// Held by the job that is using the engine.
-    pub engine_slot: Semaphore,
+    /// Permits to use the engine: `worker.max_batch` of them; a batchable job takes one, any
+    /// other job all of them.
+    pub engine_slot: Arc<Semaphore>,
+    /// `worker.max_batch`.
+    pub max_batch: u32,
     pub gpu_memory: Option<GpuMemoryProbe>,
     /// Set when the shutdown grace period is over: running jobs stop and go back to the queue.
     pub abort: watch::Receiver<bool>,
@@ -69,12 +75,20 @@ impl GpuConsumer {
         };
         let cache_budget = shared.config.worker.model_cache_mb.saturating_mul(1 << 20);
         let controlnets = super::control::paths(&shared.config.controlnet);
-        let engine = EngineThread::spawn(options, cache_budget, controlnets).map_err(|source| {
-            WorkerError::EngineThread {
+        let worker = &shared.config.worker;
+        let max_batch = worker.max_batch.max(1);
+        let engine_slot = Arc::new(Semaphore::new(max_batch as usize));
+        let batching = Batching::new(
+            max_batch as usize,
+            Duration::from_millis(worker.batch_window_ms),
+            engine_slot.clone(),
+        );
+        let engine = EngineThread::spawn(options, cache_budget, controlnets, batching).map_err(
+            |source| WorkerError::EngineThread {
                 device: device.to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let (abort, abort_rx) = watch::channel(false);
         let gpu_memory = nvml.and_then(|nvml| GpuMemoryProbe::new(nvml, device));
         shared
@@ -84,7 +98,8 @@ impl GpuConsumer {
             shared,
             device: device.to_string(),
             engine,
-            engine_slot: Semaphore::new(1),
+            engine_slot,
+            max_batch,
             gpu_memory,
             abort: abort_rx,
         };
@@ -127,11 +142,14 @@ impl GpuConsumer {
                 permit = permits.clone().acquire_owned() => permit,
             };
             let Ok(permit) = permit else { break Ok(()) };
+            // A batch forming on the engine thread waits (briefly) for the job this pull may
+            // bring, until it is submitted or turns out not to be batchable.
+            let claim = context.engine.claim();
             match puller.pull().await {
                 Ok(Some(message)) => {
                     let context = context.clone();
                     tasks.spawn(async move {
-                        process::handle(&context, message).await;
+                        process::handle(&context, message, claim).await;
                         drop(permit);
                     });
                 }

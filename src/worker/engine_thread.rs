@@ -10,7 +10,12 @@
 //! inside the engine is
 //! caught here, that engine is dropped (its state can no longer be trusted) and the job gets an
 //! error; the next job for the model loads a fresh engine.
+//!
+//! With `worker.max_batch` above 1, compatible jobs that reach the thread together run as one
+//! batch (see [`super::engine_batch`]); jobs that cannot join wait in the thread's queue.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::control::ControlJob;
+use super::engine_batch::{self, BatchKey, Batching, Claim};
 use super::model_cache::ModelCache;
 use crate::engine::controlnet::{ControlNetPaths, ControlNets};
 use crate::engine::refiner::Refine;
@@ -64,7 +70,7 @@ pub struct JobExtras {
     pub refiner: Option<RefinerJob>,
 }
 
-enum Command {
+pub(super) enum Command {
     Run {
         job: Box<EngineJob>,
         reply: oneshot::Sender<Result<EngineRun, EngineFailure>>,
@@ -97,6 +103,9 @@ pub enum EngineFailure {
     Cancelled,
     #[error("the engine thread is gone")]
     ThreadGone,
+    /// The batch the job was part of failed as a whole (its model could not load).
+    #[error("{message}")]
+    Batch { code: &'static str, message: String },
 }
 
 impl EngineFailure {
@@ -108,6 +117,7 @@ impl EngineFailure {
             EngineFailure::Panicked(_) => "engine_panic",
             EngineFailure::Cancelled => "cancelled",
             EngineFailure::ThreadGone => "engine_unavailable",
+            EngineFailure::Batch { code, .. } => code,
         }
     }
 }
@@ -118,6 +128,7 @@ pub struct EngineThread {
     thread: Option<JoinHandle<()>>,
     /// Names of the models in the thread's cache, updated after every job.
     loaded: Arc<Mutex<Vec<String>>>,
+    batching: Batching,
 }
 
 impl EngineThread {
@@ -128,20 +139,35 @@ impl EngineThread {
         options: EngineOptions,
         cache_budget_bytes: u64,
         controlnets: ControlNetPaths,
+        batching: Batching,
     ) -> std::io::Result<EngineThread> {
         let (sender, receiver) = mpsc::channel::<Command>();
         let loaded = Arc::new(Mutex::new(Vec::new()));
         let report = loaded.clone();
+        let thread_batching = batching.clone();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", options.device))
             .spawn(move || {
-                engine_loop(options, cache_budget_bytes, controlnets, receiver, &report)
+                let context = LoopContext {
+                    options,
+                    budget: cache_budget_bytes,
+                    controlnet_paths: controlnets,
+                    batching: thread_batching,
+                };
+                engine_loop(context, receiver, &report)
             })?;
         Ok(EngineThread {
             sender: Some(sender),
             thread: Some(thread),
             loaded,
+            batching,
         })
+    }
+
+    /// Marks a job as on its way to this thread: a batch that is forming waits for it (within
+    /// `worker.batch_window_ms`) until the claim is dropped.
+    pub fn claim(&self) -> Claim {
+        self.batching.claim()
     }
 
     /// Names of the models loaded on this thread (least recently used first), as of its last job.
@@ -152,22 +178,27 @@ impl EngineThread {
             .clone()
     }
 
-    /// Runs one job and waits for its result without blocking the async runtime.
-    pub async fn run(&self, job: EngineJob) -> Result<EngineRun, EngineFailure> {
+    /// Hands a job to the thread now; the returned future gives its result without blocking
+    /// the async runtime.
+    pub fn submit(
+        &self,
+        job: EngineJob,
+    ) -> impl Future<Output = Result<EngineRun, EngineFailure>> + use<> {
         let (reply, result) = oneshot::channel();
-        let Some(sender) = &self.sender else {
-            return Err(EngineFailure::ThreadGone);
-        };
-        if sender
-            .send(Command::Run {
-                job: Box::new(job),
-                reply,
-            })
-            .is_err()
-        {
-            return Err(EngineFailure::ThreadGone);
+        let sent = self.sender.as_ref().is_some_and(|sender| {
+            sender
+                .send(Command::Run {
+                    job: Box::new(job),
+                    reply,
+                })
+                .is_ok()
+        });
+        async move {
+            if !sent {
+                return Err(EngineFailure::ThreadGone);
+            }
+            result.await.unwrap_or(Err(EngineFailure::ThreadGone))
         }
-        result.await.unwrap_or(Err(EngineFailure::ThreadGone))
     }
 
     /// Asks the thread to drop, after the job it is running, the loaded models that are not
@@ -191,7 +222,7 @@ impl EngineThread {
 }
 
 /// ControlNets loaded for one model (they are checked against its UNet when they load).
-struct LoadedControlNets {
+pub(super) struct LoadedControlNets {
     model: String,
     path: PathBuf,
     nets: ControlNets,
@@ -203,16 +234,37 @@ impl LoadedControlNets {
     }
 }
 
-fn engine_loop(
+/// What the engine thread is started with.
+struct LoopContext {
     options: EngineOptions,
     budget: u64,
     controlnet_paths: ControlNetPaths,
+    batching: Batching,
+}
+
+fn engine_loop(
+    context: LoopContext,
     receiver: mpsc::Receiver<Command>,
     loaded: &Mutex<Vec<String>>,
 ) {
+    let LoopContext {
+        options,
+        budget,
+        controlnet_paths,
+        batching,
+    } = context;
     let mut cache = ModelCache::new(budget);
     let mut controlnets: Option<LoadedControlNets> = None;
-    while let Ok(command) = receiver.recv() {
+    // Commands taken off the channel while a batch formed, in arrival order.
+    let mut backlog: VecDeque<Command> = VecDeque::new();
+    loop {
+        let command = match backlog.pop_front() {
+            Some(command) => command,
+            None => match receiver.recv() {
+                Ok(command) => command,
+                Err(_) => break,
+            },
+        };
         let (job, reply) = match command {
             Command::Run { job, reply } => (*job, reply),
             Command::Retain(models) => {
@@ -226,38 +278,71 @@ fn engine_loop(
                 continue;
             }
         };
-        let EngineJob {
-            model,
-            request,
-            progress,
-            cancel,
-            control,
-            refiner,
-        } = job;
-        if cancel.load(Ordering::Relaxed) {
+        if job.cancel.load(Ordering::Relaxed) {
             let _ = reply.send(Err(EngineFailure::Cancelled));
             continue;
         }
-        let target = Target {
-            model: &model,
-            request: &request,
-            control: control.as_ref(),
-            refiner: refiner.as_ref(),
-            controlnet_paths: &controlnet_paths,
+        let mut batch = vec![(job, reply)];
+        if let Some(key) = BatchKey::of(&batch[0].0).filter(|_| batching.max > 1) {
+            engine_batch::gather(&receiver, &mut backlog, &mut batch, &key, &batching);
+            // Jobs cancelled while the batch formed are not run; their tasks see the flag.
+            let (cancelled, live): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|(job, _)| job.cancel.load(Ordering::Relaxed));
+            for (_, reply) in cancelled {
+                let _ = reply.send(Err(EngineFailure::Cancelled));
+            }
+            batch = live;
+        }
+        let results = if batch.len() > 1 {
+            engine_batch::run_batch(&options, &mut cache, &mut controlnets, batch)
+        } else if let Some((job, reply)) = batch.pop() {
+            let result = run_alone(
+                &options,
+                &mut cache,
+                &mut controlnets,
+                &controlnet_paths,
+                job,
+            );
+            vec![(reply, result)]
+        } else {
+            continue;
         };
-        let result = run_one(
-            &options,
-            &mut cache,
-            &mut controlnets,
-            &target,
-            &progress,
-            &cancel,
-        );
+        // Published before the replies, so that a job's status report names the models
+        // loaded for it.
         *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
             cache.loaded().into_iter().map(str::to_owned).collect();
-        // The receiver may be gone (shutdown); nothing else to do with the result then.
-        let _ = reply.send(result);
+        for (reply, result) in results {
+            // The receiver may be gone (shutdown); nothing else to do with the result then.
+            let _ = reply.send(result);
+        }
     }
+}
+
+/// Runs one job alone.
+fn run_alone(
+    options: &EngineOptions,
+    cache: &mut ModelCache,
+    controlnets: &mut Option<LoadedControlNets>,
+    controlnet_paths: &ControlNetPaths,
+    job: EngineJob,
+) -> Result<EngineRun, EngineFailure> {
+    let EngineJob {
+        model,
+        request,
+        progress,
+        cancel,
+        control,
+        refiner,
+    } = job;
+    let target = Target {
+        model: &model,
+        request: &request,
+        control: control.as_ref(),
+        refiner: refiner.as_ref(),
+        controlnet_paths,
+    };
+    run_one(options, cache, controlnets, &target, &progress, &cancel)
 }
 
 /// What one command asks the engine thread to run.
@@ -278,18 +363,7 @@ fn run_one(
     cancel: &AtomicBool,
 ) -> Result<EngineRun, EngineFailure> {
     let (model, request) = (target.model, target.request);
-    let mut model_load = catch_unwind(AssertUnwindSafe(|| {
-        cache.ensure_loaded(&model.name, &model.path, |path| Engine::load(path, options))
-    }))
-    .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
-    .map_err(|failure| EngineFailure::Load {
-        model: failure.model,
-        source: failure.source,
-    })?;
-    if model_load.is_some() {
-        // The model was (re)loaded: ControlNets checked against its earlier files are stale.
-        controlnets.take_if(|loaded| loaded.belong_to(model));
-    }
+    let mut model_load = ensure_model(options, cache, controlnets, model)?;
     if let Some(refiner) = target.refiner {
         let keep = (model.name.as_str(), model.path.as_path());
         let refiner_load = catch_unwind(AssertUnwindSafe(|| {
@@ -384,7 +458,29 @@ fn run_one(
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// Loads `model` into the cache unless it is there; returns the time it took when it loaded.
+pub(super) fn ensure_model(
+    options: &EngineOptions,
+    cache: &mut ModelCache,
+    controlnets: &mut Option<LoadedControlNets>,
+    model: &ModelRef,
+) -> Result<Option<Duration>, EngineFailure> {
+    let model_load = catch_unwind(AssertUnwindSafe(|| {
+        cache.ensure_loaded(&model.name, &model.path, |path| Engine::load(path, options))
+    }))
+    .map_err(|panic| EngineFailure::Panicked(panic_message(panic.as_ref())))?
+    .map_err(|failure| EngineFailure::Load {
+        model: failure.model,
+        source: failure.source,
+    })?;
+    if model_load.is_some() {
+        // The model was (re)loaded: ControlNets checked against its earlier files are stale.
+        controlnets.take_if(|loaded| loaded.belong_to(model));
+    }
+    Ok(model_load)
+}
+
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -442,10 +538,12 @@ mod tests {
             device: Device::Cpu,
             ..EngineOptions::default()
         };
-        let thread = EngineThread::spawn(options, 0, ControlNetPaths::default()).unwrap();
+        let thread =
+            EngineThread::spawn(options, 0, ControlNetPaths::default(), Batching::default())
+                .unwrap();
         for _ in 0..2 {
             let failure = thread
-                .run(job("/nonexistent/model", false))
+                .submit(job("/nonexistent/model", false))
                 .await
                 .err()
                 .expect("no model there");
@@ -457,10 +555,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_cancelled_before_it_starts_is_not_run() {
-        let thread =
-            EngineThread::spawn(EngineOptions::default(), 0, ControlNetPaths::default()).unwrap();
+        let thread = EngineThread::spawn(
+            EngineOptions::default(),
+            0,
+            ControlNetPaths::default(),
+            Batching::default(),
+        )
+        .unwrap();
         let failure = thread
-            .run(job("/nonexistent/model", true))
+            .submit(job("/nonexistent/model", true))
             .await
             .err()
             .expect("cancelled");
@@ -519,11 +622,17 @@ mod tests {
         ];
 
         // Room for both: each is loaded once.
-        let thread = EngineThread::spawn(options(), 1 << 30, ControlNetPaths::default()).unwrap();
+        let thread = EngineThread::spawn(
+            options(),
+            1 << 30,
+            ControlNetPaths::default(),
+            Batching::default(),
+        )
+        .unwrap();
         let mut loads = Vec::new();
         let mut images = Vec::new();
         for (name, path) in &plan {
-            let run = thread.run(model_job(name, path)).await.expect("runs");
+            let run = thread.submit(model_job(name, path)).await.expect("runs");
             loads.push(run.model_load.is_some());
             images.push(run.output.images[0].rgb.clone());
         }
@@ -533,10 +642,16 @@ mod tests {
         thread.shutdown().await;
 
         // A budget of one model: every switch loads again.
-        let thread = EngineThread::spawn(options(), 0, ControlNetPaths::default()).unwrap();
+        let thread = EngineThread::spawn(
+            options(),
+            0,
+            ControlNetPaths::default(),
+            Batching::default(),
+        )
+        .unwrap();
         let mut loads = Vec::new();
         for (name, path) in &plan {
-            let run = thread.run(model_job(name, path)).await.expect("runs");
+            let run = thread.submit(model_job(name, path)).await.expect("runs");
             loads.push(run.model_load.is_some());
         }
         assert_eq!(loads, [true; 4]);
@@ -548,9 +663,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny");
         copy_dir(&tiny_model(), &model);
-        let thread = EngineThread::spawn(options(), 1 << 30, ControlNetPaths::default()).unwrap();
-        let first = thread.run(model_job("m", &model)).await.expect("runs");
-        let again = thread.run(model_job("m", &model)).await.expect("runs");
+        let thread = EngineThread::spawn(
+            options(),
+            1 << 30,
+            ControlNetPaths::default(),
+            Batching::default(),
+        )
+        .unwrap();
+        let first = thread.submit(model_job("m", &model)).await.expect("runs");
+        let again = thread.submit(model_job("m", &model)).await.expect("runs");
         assert!(first.model_load.is_some());
         assert!(again.model_load.is_none());
         assert_eq!(first.output.images[0].rgb, again.output.images[0].rgb);
@@ -562,7 +683,7 @@ mod tests {
         config["timestep_spacing"] = serde_json::json!("trailing");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
-        let replaced = thread.run(model_job("m", &model)).await.expect("runs");
+        let replaced = thread.submit(model_job("m", &model)).await.expect("runs");
         assert!(replaced.model_load.is_some(), "reloaded after the change");
         assert_ne!(replaced.output.images[0].rgb, first.output.images[0].rgb);
         let fresh = Engine::load(&model, &options())

@@ -15,6 +15,7 @@
 mod consumer;
 mod control;
 pub mod devices;
+mod engine_batch;
 mod engine_thread;
 mod fault;
 mod heartbeat;

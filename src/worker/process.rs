@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
 use super::control;
+use super::engine_batch::Claim;
 use super::engine_thread::{EngineFailure, EngineRun, JobExtras, ModelRef, RefinerJob};
 use super::image_input;
 use super::result_cache;
@@ -38,12 +39,14 @@ use crate::engine::{EngineError, GenerateRequest, GeneratedImage};
 use crate::job::{self, FieldError, JobRejection, ValidJob};
 
 /// Handles one pulled message; never panics and always settles the message.
-pub(crate) async fn handle(ctx: &ConsumerContext, message: Incoming) {
-    let disposition = process(ctx, &message).await;
+/// `claim` marks the job as on its way to the engine until it is submitted (or turns out not
+/// to be batchable, or ends early).
+pub(crate) async fn handle(ctx: &ConsumerContext, message: Incoming, claim: Claim) {
+    let disposition = process(ctx, &message, claim).await;
     settle(ctx, &message, disposition).await;
 }
 
-async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
+async fn process(ctx: &ConsumerContext, message: &Incoming, claim: Claim) -> Disposition {
     let shared = &ctx.shared;
     let job = match job::parse_and_validate_with(
         &message.body,
@@ -66,17 +69,29 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
     };
     let id = job.id;
 
-    // One job at a time uses the engine. A job held beside it (`worker.prefetch` > 1) waits
-    // here, still `queued`, so that its attempt and its queue wait start when the engine is
-    // free, while the job before it encodes and uploads its images.
+    // One job at a time uses the engine, or up to `worker.max_batch` batchable jobs together.
+    // A job held beside them (`worker.prefetch` above that) waits here, still `queued`, so
+    // that its attempt and its queue wait start when the engine is free, while the jobs before
+    // it encode and uploads their images.
     let mut abort = ctx.abort.clone();
+    let (permits, claim) = if batchable(&job) {
+        (1, Some(claim))
+    } else {
+        // It will never join a batch: a forming batch need not wait for it.
+        drop(claim);
+        (ctx.max_batch, None)
+    };
     let slot = tokio::select! {
-        slot = ctx.engine_slot.acquire() => slot.ok(),
+        slot = ctx.engine_slot.acquire_many(permits) => slot.ok(),
         () = super::signalled(&mut abort) => None,
     };
     let Some(slot) = slot else {
         return Disposition::retry(id, None, WorkerError::ShuttingDown);
     };
+    let mut claim = claim;
+    if let Some(claim) = &mut claim {
+        claim.admit();
+    }
     // `total_ms` starts here: time spent waiting for the engine is queue wait.
     let began = Instant::now();
 
@@ -105,7 +120,16 @@ async fn process(ctx: &ConsumerContext, message: &Incoming) -> Disposition {
         queue_wait,
         began,
     };
-    execute(ctx, &job, started, slot).await
+    execute(ctx, &job, started, slot, claim).await
+}
+
+/// Whether a job may share a batch with others (the engine thread checks the rest of the
+/// batch key: model, size, steps, scheduler, guidance).
+fn batchable(job: &ValidJob) -> bool {
+    let m = &job.message;
+    m.controlnets.as_ref().is_none_or(|c| c.is_empty())
+        && m.init_image.is_none()
+        && job.refine().is_none()
 }
 
 /// A job whose attempt has started.
@@ -122,6 +146,7 @@ async fn execute(
     job: &ValidJob,
     started: Started,
     engine_slot: SemaphorePermit<'_>,
+    claim: Option<Claim>,
 ) -> Disposition {
     let shared = &ctx.shared;
     let (id, attempt) = (job.id, started.attempt);
@@ -200,16 +225,13 @@ async fn execute(
         });
     let timeout = run::job_timeout(&shared.config.worker, &request);
     let extras = JobExtras { control, refiner };
-    let outcome = run::run_engine(
-        ctx,
-        id,
-        attempt,
-        model_ref,
-        request.clone(),
+    let work = run::EngineWork {
+        model: model_ref,
+        request: request.clone(),
         extras,
-        timeout,
-    )
-    .await;
+        claim,
+    };
+    let outcome = run::run_engine(ctx, id, attempt, work, timeout).await;
     drop(engine_slot);
     let RunOutcome {
         result,
@@ -312,6 +334,7 @@ async fn serve_cached(
         peak_gpu_mem_bytes: None,
         controlnet_ms: 0.0,
         refiner_ms: 0.0,
+        batch_size: 1,
     };
     let recorded = async {
         db.set_cache_key(id, attempt, key).await?;
@@ -348,6 +371,7 @@ async fn store(
         cache_key,
     } = output;
     let timings = run.output.timings.clone();
+    let batch_size = run.output.batch_size;
 
     let png_started = Instant::now();
     let refiner = job
@@ -381,6 +405,7 @@ async fn store(
         upload_ms: ms(upload_time),
         total_ms: ms(started.began.elapsed()),
         peak_gpu_mem_bytes,
+        batch_size: u32::try_from(batch_size).unwrap_or(u32::MAX),
     };
     if let Some(key) = &cache_key {
         if let Err(err) = shared.db.set_cache_key(id, attempt, key).await {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::consumer::ConsumerContext;
+use super::engine_batch::Claim;
 use super::engine_thread::{EngineFailure, EngineJob, EngineRun, JobExtras, ModelRef};
 use crate::config::WorkerConfig;
 use crate::db::ProgressOutcome;
@@ -102,16 +103,29 @@ impl Tracker<'_> {
     }
 }
 
-/// Runs `request` on the consumer's engine thread and follows it to the end.
+/// What a job hands to the engine thread.
+pub(crate) struct EngineWork {
+    pub model: ModelRef,
+    pub request: GenerateRequest,
+    pub extras: JobExtras,
+    /// Dropped once the job is submitted (see [`Claim`]).
+    pub claim: Option<Claim>,
+}
+
+/// Runs a job's work on the consumer's engine thread and follows it to the end.
 pub(crate) async fn run_engine(
     ctx: &ConsumerContext,
     id: Uuid,
     attempt: i32,
-    model: ModelRef,
-    request: GenerateRequest,
-    extras: JobExtras,
+    work: EngineWork,
     timeout: Duration,
 ) -> RunOutcome {
+    let EngineWork {
+        model,
+        request,
+        extras,
+        claim,
+    } = work;
     let worker = &ctx.shared.config.worker;
     let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -137,7 +151,8 @@ pub(crate) async fn run_engine(
         control: extras.control,
         refiner: extras.refiner,
     };
-    let run = ctx.engine.run(job);
+    let run = ctx.engine.submit(job);
+    drop(claim);
     tokio::pin!(run);
     let timeout = tokio::time::sleep(timeout);
     tokio::pin!(timeout);

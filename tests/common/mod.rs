@@ -28,7 +28,6 @@ fn test_options() -> EngineOptions {
     EngineOptions {
         device: test_device(),
         intra_threads: Some(1),
-        tf32: false,
         ..EngineOptions::default()
     }
 }

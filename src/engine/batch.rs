@@ -1,0 +1,307 @@
+//! Dynamic batching: several runs on one model denoise together, one UNet call per step over
+//! all of their rows.
+//!
+//! Runs share a batch when they have the same latent size, guidance on or off, prompt sequence
+//! length and timestep schedule (from the scheduler, its settings and the step count, and the
+//! same start for image-to-image); [`Engine::generate_batch`] groups the requests it is given
+//! by that key and runs the groups one after another. Everything else stays per run: prompts,
+//! seeds and noise streams, guidance scale and rescale, micro-conditioning and the scheduler's
+//! state. Only the UNet evaluation is shared, and the UNet treats batch rows independently, so
+//! a run's images are the same whether it ran alone or batched (bit for bit on the CPU
+//! provider; on CUDA, kernels picked for another batch size may round differently).
+//!
+//! A run that is cancelled or whose prediction goes non-finite leaves the batch at that step;
+//! the others go on with a smaller batch. When a batched UNet call itself fails (running out
+//! of device memory, say), each run of the batch carries on alone from that step.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use super::controlnet::ControlRun;
+use super::pipeline::{
+    fill_block, update_block, ConditioningRows, Prepared, RunShape, UnetConstants,
+};
+use super::refiner::AestheticScores;
+use super::unet::{UnetConditioning, UnetRunner};
+use super::{Engine, EngineError, GenerateOutput, GenerateRequest, Progress};
+
+/// Progress of one run of a batch: the run's index in the request list and its progress.
+/// Returning `ControlFlow::Break(())` cancels that run alone.
+pub type BatchProgressFn<'a> = dyn FnMut(usize, Progress) -> ControlFlow<()> + 'a;
+
+/// One prepared run of a batch.
+struct Member<'r> {
+    /// Index in the request list.
+    index: usize,
+    request: &'r GenerateRequest,
+    run: Prepared,
+}
+
+/// What runs must share to denoise in one batch.
+#[derive(PartialEq)]
+struct GroupKey {
+    shape: (usize, usize, usize, bool),
+    seq: usize,
+    start: usize,
+    timesteps: Vec<u64>,
+}
+
+impl GroupKey {
+    fn of(run: &Prepared) -> Self {
+        let s = run.shape;
+        GroupKey {
+            shape: (s.channels, s.latent_h, s.latent_w, s.guidance),
+            seq: run.conditioning.positive.seq,
+            start: run.start,
+            timesteps: run
+                .scheduler
+                .timesteps()
+                .iter()
+                .map(|t| t.to_bits())
+                .collect(),
+        }
+    }
+}
+
+type Results = Vec<Option<Result<GenerateOutput, EngineError>>>;
+
+/// Runs that left a batch early, by request index, with their results.
+type Left = Vec<(usize, Result<GenerateOutput, EngineError>)>;
+
+impl Engine {
+    /// Run several requests, batching the UNet calls of those that can share them (see the
+    /// module documentation). The results are in request order; one run's failure or
+    /// cancellation does not affect the others.
+    pub fn generate_batch(
+        &self,
+        requests: &[&GenerateRequest],
+        progress: &mut BatchProgressFn<'_>,
+    ) -> Vec<Result<GenerateOutput, EngineError>> {
+        let mut results: Results = requests.iter().map(|_| None).collect();
+        let mut groups: Vec<(GroupKey, Vec<Member<'_>>)> = Vec::new();
+        // A UNet exported for a fixed batch size runs every request alone.
+        let fixed_batch = self.model.unet.sample.fixed_dim(0).is_some();
+        for (index, request) in requests.iter().copied().enumerate() {
+            let run = match self.prepare(request) {
+                Ok(run) => run,
+                Err(err) => {
+                    results[index] = Some(Err(err));
+                    continue;
+                }
+            };
+            let key = GroupKey::of(&run);
+            let member = Member {
+                index,
+                request,
+                run,
+            };
+            match groups.iter_mut().find(|(k, _)| !fixed_batch && *k == key) {
+                Some((_, members)) => members.push(member),
+                None => groups.push((key, vec![member])),
+            }
+        }
+        for (_, members) in groups {
+            self.run_group(members, progress, &mut results);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(EngineError::Cancelled)))
+            .collect()
+    }
+
+    /// Denoise one group together, then decode each run.
+    fn run_group(
+        &self,
+        mut active: Vec<Member<'_>>,
+        progress: &mut BatchProgressFn<'_>,
+        results: &mut Results,
+    ) {
+        let Some(first) = active.first() else {
+            return;
+        };
+        let start = first.run.start;
+        let timesteps = first.run.scheduler.timesteps().to_vec();
+        let end = timesteps.len();
+        let total = (end - start.min(end)) as u32;
+        let size = active.len();
+        let started = Instant::now();
+        let mut i = start;
+        while i < end && !active.is_empty() {
+            match self.batch_steps(&mut active, &timesteps, &mut i, start, total, progress) {
+                Ok(left) => {
+                    for (index, result) in left {
+                        results[index] = Some(result);
+                    }
+                    active.retain(|m| results[m.index].is_none());
+                }
+                Err(err) => {
+                    // The shared call failed before any run's update at step `i`: every run
+                    // carries on alone from there.
+                    tracing::warn!(error = %err, runs = active.len(), step = i, "batched UNet call failed; running the batch's runs one by one");
+                    for mut member in std::mem::take(&mut active) {
+                        member.run.timings.denoising += started.elapsed();
+                        let done = i - start;
+                        member.run.start = i;
+                        let index = member.index;
+                        let mut solo = |p: Progress| {
+                            progress(
+                                index,
+                                Progress {
+                                    step: p.step + done as u32,
+                                    total,
+                                },
+                            )
+                        };
+                        let outcome = self
+                            .denoise_run(&mut member.run, member.request, end, None, &mut solo)
+                            .and_then(|()| self.finish(member.request, member.run))
+                            .map(|output| GenerateOutput {
+                                batch_size: size,
+                                ..output
+                            });
+                        results[index] = Some(outcome);
+                    }
+                    return;
+                }
+            }
+        }
+        let denoising = started.elapsed();
+        for mut member in active {
+            member.run.timings.denoising += denoising;
+            let outcome = self
+                .finish(member.request, member.run)
+                .map(|output| GenerateOutput {
+                    batch_size: size,
+                    ..output
+                });
+            results[member.index] = Some(outcome);
+        }
+    }
+
+    /// Steps the active runs together from `*i` until the set of runs changes or the schedule
+    /// ends. Returns the runs that left the batch (cancelled or failed) with their results; an
+    /// error means the shared UNet call (or its set-up) failed and no run was updated at `*i`.
+    fn batch_steps(
+        &self,
+        active: &mut [Member<'_>],
+        timesteps: &[f64],
+        i: &mut usize,
+        start: usize,
+        total: u32,
+        progress: &mut BatchProgressFn<'_>,
+    ) -> Result<Left, EngineError> {
+        let first = &active[0];
+        let parts = active
+            .iter()
+            .map(|m| {
+                let aesthetic = AestheticScores::default();
+                ConditioningRows::new(
+                    &self.model,
+                    &m.run.conditioning,
+                    m.request,
+                    &m.run.shape,
+                    aesthetic,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let constants = UnetConstants::stack(&self.model, &parts.iter().collect::<Vec<_>>())?;
+        let combined = RunShape {
+            images: active.iter().map(|m| m.run.shape.images).sum(),
+            ..first.run.shape
+        };
+        let control = ControlRun::new(
+            &self.model,
+            None,
+            &first.run.conditioning,
+            first.request,
+            &combined,
+        )?;
+        let per_image = combined.per_image();
+        let rows = combined.unet_rows();
+        let sample_shape = [
+            rows as i64,
+            combined.channels as i64,
+            combined.latent_h as i64,
+            combined.latent_w as i64,
+        ];
+        let mut runner = UnetRunner::new(
+            self,
+            UnetConditioning {
+                encoder_hidden_states: &constants.encoder_hidden_states,
+                text_embeds: &constants.text_embeds,
+                time_ids: &constants.time_ids,
+                constants: control.zero_inputs(),
+            },
+            sample_shape,
+            false,
+        )?;
+        let mut model_input = vec![0.0f32; rows * per_image];
+        let mut guided = vec![0.0f32; combined.images * per_image];
+        let mut left = Vec::new();
+        let mut unused = Duration::ZERO;
+        while *i < timesteps.len() {
+            let step_started = Instant::now();
+            let t = timesteps[*i];
+            let mut offset = 0;
+            for m in active.iter() {
+                let len = m.run.shape.unet_rows() * per_image;
+                let block = &mut model_input[offset..offset + len];
+                fill_block(
+                    m.run.scheduler.as_ref(),
+                    &m.run.latents,
+                    *i,
+                    combined.guidance,
+                    block,
+                );
+                offset += len;
+            }
+            let residuals = control.step(*i, timesteps.len(), &model_input, t, &mut unused)?;
+            let result = runner.step(&model_input, t, residuals)?;
+            if result.out.len() != model_input.len() {
+                return Err(EngineError::UnexpectedOutput {
+                    stage: "UNet",
+                    message: format!(
+                        "{} values, expected {}",
+                        result.out.len(),
+                        model_input.len()
+                    ),
+                });
+            }
+            let elapsed = step_started.elapsed();
+            let mut offset = 0;
+            for m in active.iter_mut() {
+                let len = m.run.shape.unet_rows() * per_image;
+                let out = &result.out[offset..offset + len];
+                offset += len;
+                let latent_len = m.run.latents.len();
+                let run = &mut m.run;
+                let updated = update_block(
+                    m.request,
+                    &run.shape,
+                    out,
+                    &mut guided[..latent_len],
+                    *i,
+                    run.scheduler.as_mut(),
+                    &mut run.latents,
+                    &mut run.noise,
+                );
+                run.timings.per_step.push(elapsed);
+                run.timings.per_step_session_run.push(result.session_time);
+                run.timings.denoising_session_run += result.session_time;
+                if let Err(err) = updated {
+                    left.push((m.index, Err(err)));
+                    continue;
+                }
+                let step = (*i + 1 - start) as u32;
+                if progress(m.index, Progress { step, total }).is_break() {
+                    left.push((m.index, Err(EngineError::Cancelled)));
+                }
+            }
+            *i += 1;
+            if !left.is_empty() {
+                break;
+            }
+        }
+        Ok(left)
+    }
+}
