@@ -4,8 +4,9 @@
 # Everything it needs travels from a build machine in parts of at most 40 MB; see bench/README.md.
 #
 # On the build machine (repository root):
-#   bench/gpu/run.sh stage          downloads the wheels, builds the benchmark binary, splits
-#                                   the ONNX Runtime GPU wheel; prints the calls to make
+#   bench/gpu/run.sh stage          downloads the wheels, builds the benchmark binary and the
+#                                   worker, splits the ONNX Runtime GPU wheel, packs Postgres
+#                                   and RabbitMQ (bench/gpu/services.sh); prints the calls
 # On the GPU host (repository root; files under /root survive between the calls):
 #   bench/gpu/run.sh torch-eager    [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager,
 #                                   then the float32 ONNX export of the same weights
@@ -14,10 +15,15 @@
 #   bench/gpu/run.sh part NN        [carry .gpu-stage/ort.NN] store one more part
 #   bench/gpu/run.sh engine         [carry .gpu-stage/bin] unpack ONNX Runtime, run the engine
 #                                   on one image under several CUDA settings
-#   bench/gpu/run.sh engine-b4      the same with four images per run (the dynamic batch)
+#   bench/gpu/run.sh batch          the same with four jobs per run (the dynamic batch) and with
+#                                   one request of four images
+#   bench/gpu/run.sh svc NN         [carry .gpu-stage/svc.NN, .gpu-stage/svc.sha256] store one
+#                                   part of the services
+#   bench/gpu/run.sh worker         [carry .gpu-stage/wbin] start Postgres and RabbitMQ, run the
+#                                   worker end to end (bench/gpu/worker_e2e.py)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|engine}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|engine|batch|svc NN|worker}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -59,12 +65,17 @@ case "$cmd" in
     sha256sum "$whl" | cut -d' ' -f1 > .gpu-stage/bin/ort.sha256
     # The dev profile's dependencies (opt-level 2) with the crate itself at opt-level 3: shares
     # the test build's compiled dependencies. All heavy work runs inside ONNX Runtime anyway.
-    CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --bench gpu_engine 2>&1 | tail -2
+    CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build --bench gpu_engine --bin sdxl-worker 2>&1 | tail -2
     bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/deps/gpu_engine-* | grep -v '\.d$' | head -1)
     strip -o .gpu-stage/bin/gpu_engine "$bin"
     xz -T0 -6 -f .gpu-stage/bin/gpu_engine
-    ls -la .gpu-stage/py .gpu-stage/bin .gpu-stage/ort.*
-    echo "calls: torch-eager [py, ort.00]; optimize [ort.01]; part NN for each further part; engine [bin]"
+    mkdir -p .gpu-stage/wbin
+    strip -o .gpu-stage/wbin/sdxl-worker "${CARGO_TARGET_DIR:-target}"/debug/sdxl-worker
+    xz -T0 -6 -f .gpu-stage/wbin/sdxl-worker
+    [ -f .gpu-stage/svc.sha256 ] || bench/gpu/services.sh stage
+    ls -la .gpu-stage/py .gpu-stage/bin .gpu-stage/wbin .gpu-stage/ort.* .gpu-stage/svc.*
+    echo "calls: torch-eager [py, ort.00]; optimize [ort.01]; part NN for each further part;"
+    echo "       engine [bin]; batch; svc NN for each services part; worker [wbin]"
     ;;
   torch-eager)
     mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
@@ -92,20 +103,36 @@ case "$cmd" in
     whl="$work/stage/ort.whl"
     cat "$work"/stage/ort.[0-9]* > "$whl"
     echo "$(cat .gpu-stage/bin/ort.sha256)  $whl" | sha256sum -c -
-    rm -rf /tmp/ortx && mkdir -p /tmp/ortx
-    python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'/tmp/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
+    rm -rf "$work/ortx" && mkdir -p "$work/ortx"
+    python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
     xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
-    export ORT_DYLIB_PATH=/tmp/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
     cp "$work"/*.json "$out/" 2>/dev/null || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-host_io,default,nhwc,cudnn_flash,graph}" "$work/gpu_engine"
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-b1.json" "$work/"
     ;;
-  engine-b4)
-    export ORT_DYLIB_PATH=/tmp/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+  batch)
+    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
     cp "$work"/*.json "$out/" 2>/dev/null || true
+    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-jobs4.json" BENCH_JOBS=4 BENCH_RUNS=2 \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32}" "$work/gpu_engine" --bench
+    cp "$out/engine-jobs4.json" "$work/"
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b4.json" BENCH_IMAGES=4 BENCH_RUNS=2 \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-default,graph}" "$work/gpu_engine"
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default}" "$work/gpu_engine" --bench
+    cp "$out/engine-b4.json" "$work/"
+    ;;
+  svc)
+    BENCH_WORK="$work" bench/gpu/services.sh stash "${2:?part number}"
+    ;;
+  worker)
+    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    cp "$work"/*.json "$out/" 2>/dev/null || true
+    xz -dc .gpu-stage/wbin/sdxl-worker.xz > "$work/sdxl-worker" && chmod +x "$work/sdxl-worker"
+    BENCH_WORK="$work" bench/gpu/services.sh start
+    python3 bench/gpu/worker_e2e.py --bin "$work/sdxl-worker" --model "$work/fused" \
+      --out "$out/worker-e2e.json" --jobs "${E2E_JOBS:-12}" --scenarios "${E2E_SCENARIOS:-1:2,4:8}"
+    BENCH_WORK="$work" bench/gpu/services.sh stop || true
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;
 esac

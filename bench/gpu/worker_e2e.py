@@ -1,0 +1,307 @@
+"""The worker end to end on a GPU host: message in -> PNG in storage -> row succeeded.
+
+Needs Postgres and RabbitMQ running on their usual local ports (bench/gpu/services.sh starts
+carried copies), the `sdxl-worker` binary and a full-size model directory. Python's standard
+library only (the GPU host has no AMQP or Postgres client for Python): jobs are published with
+`sdxl-worker submit` and rows read with `sdxl-worker status`, as an operator would.
+
+For each scenario (a `worker.max_batch` and `worker.prefetch`), it starts a worker on one GPU,
+runs one warm-up job (model load, cuDNN's algorithm search), then publishes JOBS jobs at once
+(a saturated queue: 30 Euler steps at 1024x1024, one image each, distinct prompts and seeds)
+and waits for every row to succeed. It reports images per second over the window from the
+first publish to the last finished row, the median job time and metrics from the rows (queue
+wait, denoising, VAE, PNG, upload, batch size), the GPU busy ratio over that window (nvidia-smi
+utilization sampled every 100 ms) and the peak GPU memory.
+
+    python3 bench/gpu/worker_e2e.py --bin BIN --model DIR --out OUT/worker-e2e.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus",
+    "a lighthouse on a cliff above a stormy sea at dusk, oil painting",
+    "a bowl of ramen with a soft egg, studio lighting, food photography",
+    "an isometric drawing of a small wooden cabin in a pine forest",
+]
+
+
+def config_text(args, scenario, prefix, images_dir):
+    return f"""
+[broker]
+url = "amqp://guest:guest@127.0.0.1:{args.amqp_port}/%2f"
+prefix = "{prefix}"
+[database]
+url = "postgres://postgres@127.0.0.1:{args.pg_port}/sdxl"
+[storage]
+backend = "local"
+path = "{images_dir}"
+[worker]
+id = "bench-{prefix}"
+devices = ["{args.device}"]
+prefetch = {scenario['prefetch']}
+max_batch = {scenario['max_batch']}
+batch_window_ms = {scenario.get('window_ms', 50)}
+progress_interval_ms = 500
+poll_interval_ms = 20
+[models]
+default = "sdxl"
+[models.available]
+sdxl = {{ path = "{args.model}", default_width = 1024, default_height = 1024 }}
+[cuda]
+graph = {str(scenario.get('graph', False)).lower()}
+"""
+
+
+class Sampler:
+    """nvidia-smi's GPU utilization and memory, every 100 ms."""
+
+    def __init__(self, index):
+        self.samples = []
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    f"--id={index}",
+                    "--query-gpu=timestamp,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        except FileNotFoundError:
+            # No NVIDIA driver here (a CPU smoke run of this script): no samples.
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3:
+                try:
+                    self.samples.append((time.time(), float(parts[1]), float(parts[2])))
+                except ValueError:
+                    pass
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def window(self, start, end):
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return None, None
+        return (
+            sum(s[1] for s in inside) / len(inside),
+            max(s[2] for s in inside),
+        )
+
+
+def cli(args, config, *rest, check=True):
+    return subprocess.run(
+        [args.bin, "--config", config, *rest],
+        check=check,
+        capture_output=True,
+        text=True,
+    )
+
+
+def submit(args, config, n, seed):
+    job_id = str(uuid.uuid4())
+    cli(
+        args,
+        config,
+        "submit",
+        "--id",
+        job_id,
+        "--prompt",
+        PROMPTS[n % len(PROMPTS)],
+        "--negative-prompt",
+        "blurry, low quality",
+        "--steps",
+        str(args.steps),
+        "--width",
+        str(args.size),
+        "--height",
+        str(args.size),
+        "--scheduler",
+        "euler",
+        "--seed",
+        str(seed),
+    )
+    return job_id
+
+
+def row(args, config, job_id):
+    done = cli(args, config, "status", job_id, check=False)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout)
+
+
+def wait_all(args, config, ids, timeout):
+    deadline = time.time() + timeout
+    rows = {}
+    while time.time() < deadline:
+        for job_id in ids:
+            if job_id in rows:
+                continue
+            r = row(args, config, job_id)
+            if r and r.get("state") in ("succeeded", "failed", "cancelled"):
+                rows[job_id] = r
+        if len(rows) == len(ids):
+            return rows
+        time.sleep(0.2)
+    raise SystemExit(f"only {len(rows)} of {len(ids)} jobs finished in {timeout} s")
+
+
+def ts(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def scenario_run(args, scenario, sampler):
+    prefix = f"e2e{scenario['max_batch']}x{uuid.uuid4().hex[:6]}"
+    work = tempfile.mkdtemp(prefix="e2e-", dir=args.work)
+    images_dir = os.path.join(work, "images")
+    config = os.path.join(work, "worker.toml")
+    with open(config, "w") as f:
+        f.write(config_text(args, scenario, prefix, images_dir))
+    cli(args, config, "migrate")
+    log = open(os.path.join(args.out_dir, f"worker-{prefix}.log"), "w")
+    worker = subprocess.Popen(
+        [args.bin, "--config", config, "worker"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RUST_LOG": "info"},
+    )
+    try:
+        started = time.time()
+        warm = submit(args, config, 0, 1000)
+        warm_row = wait_all(args, config, [warm], 600)[warm]
+        if warm_row["state"] != "succeeded":
+            raise SystemExit(f"warm-up job: {json.dumps(warm_row)}")
+        warm_s = time.time() - started
+        t0 = time.time()
+        ids = [None] * args.jobs
+        threads = []
+
+        def publish(i):
+            ids[i] = submit(args, config, i, i + 1)
+
+        for i in range(args.jobs):
+            th = threading.Thread(target=publish, args=(i,))
+            th.start()
+            threads.append(th)
+        for th in threads:
+            th.join()
+        rows = wait_all(args, config, ids, 900)
+        states = [r["state"] for r in rows.values()]
+        failed = [r for r in rows.values() if r["state"] != "succeeded"]
+        if failed:
+            raise SystemExit(f"jobs did not succeed: {json.dumps(failed[:2])}")
+        finished = max(ts(r["finished_at"]) for r in rows.values())
+        first_start = min(ts(r["started_at"]) for r in rows.values())
+        busy, peak = sampler.window(t0, finished)
+        busy_running, _ = sampler.window(first_start, finished)
+        metrics = [r.get("metrics") or {} for r in rows.values()]
+
+        def med(key):
+            values = [m[key] for m in metrics if key in m and m[key] is not None]
+            return statistics.median(values) if values else None
+
+        pngs = sum(
+            1
+            for _, _, files in os.walk(images_dir)
+            for f in files
+            if f.endswith(".png")
+        )
+        return {
+            "scenario": scenario,
+            "jobs": args.jobs,
+            "states": {s: states.count(s) for s in set(states)},
+            "pngs_in_storage": pngs,
+            "worker_start_and_warm_up_s": warm_s,
+            "window_s": finished - t0,
+            "images_per_s": args.jobs / (finished - t0),
+            "images_per_s_from_first_start": args.jobs / (finished - first_start),
+            "s_per_image": (finished - t0) / args.jobs,
+            "gpu_busy_percent": busy,
+            "gpu_busy_percent_from_first_start": busy_running,
+            "peak_gpu_memory_mib": peak,
+            "median_total_ms": med("total_ms"),
+            "median_queue_wait_ms": med("queue_wait_ms"),
+            "median_denoising_ms": med("denoising_ms"),
+            "median_vae_ms": med("vae_ms"),
+            "median_png_ms": med("png_ms"),
+            "median_upload_ms": med("upload_ms"),
+            "batch_sizes": sorted(m.get("batch_size", 1) for m in metrics),
+            "median_step_ms": statistics.median(
+                s for m in metrics for s in (m.get("step_ms") or [])
+            ),
+        }
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--bin", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--jobs", type=int, default=12)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--pg-port", type=int, default=5432)
+    p.add_argument("--amqp-port", type=int, default=5672)
+    p.add_argument("--work", default="/tmp")
+    p.add_argument(
+        "--scenarios",
+        default="1:2,4:8",
+        help="comma-separated max_batch:prefetch pairs",
+    )
+    args = p.parse_args()
+    args.out_dir = os.path.dirname(os.path.abspath(args.out))
+    index = int(args.device.split(":")[1]) if ":" in args.device else 0
+    sampler = Sampler(index)
+    results = []
+    try:
+        for spec in args.scenarios.split(","):
+            max_batch, prefetch = (int(x) for x in spec.split(":"))
+            scenario = {"max_batch": max_batch, "prefetch": prefetch}
+            try:
+                result = scenario_run(args, scenario, sampler)
+            except (SystemExit, subprocess.CalledProcessError) as err:
+                detail = getattr(err, "stderr", None) or str(err)
+                result = {"scenario": scenario, "error": str(detail)[-2000:]}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    finally:
+        sampler.stop()
+    env = {k: v for k, v in os.environ.items() if k.startswith("SDXL_")}
+    report = {"steps": args.steps, "size": args.size, "env": env, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
