@@ -276,3 +276,159 @@ fn run_jobs(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicBool;
+
+    use tokio::sync::mpsc as tokio_mpsc;
+
+    use super::*;
+
+    fn job(model: &str, width: u32) -> EngineJob {
+        EngineJob {
+            model: ModelRef {
+                name: model.to_owned(),
+                path: PathBuf::from("/models").join(model),
+            },
+            request: GenerateRequest {
+                prompt: "a red fox".to_owned(),
+                prompt_2: None,
+                negative_prompt: None,
+                negative_prompt_2: None,
+                width,
+                height: 64,
+                steps: 2,
+                guidance_scale: 5.0,
+                guidance_rescale: 0.0,
+                scheduler: SchedulerKind::Euler,
+                scheduler_overrides: Default::default(),
+                seed: 1,
+                num_images: 1,
+                original_size: None,
+                crops_coords_top_left: (0, 0),
+                target_size: None,
+                initial_latents: None,
+                controls: Default::default(),
+            },
+            progress: tokio_mpsc::unbounded_channel().0,
+            cancel: Arc::new(AtomicBool::new(false)),
+            control: None,
+            refiner: None,
+        }
+    }
+
+    fn run(job: EngineJob) -> Command {
+        Command::Run {
+            job: Box::new(job),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn widths(batch: &[(EngineJob, Reply)]) -> Vec<u32> {
+        batch.iter().map(|(j, _)| j.request.width).collect()
+    }
+
+    fn backlog_widths(backlog: &VecDeque<Command>) -> Vec<u32> {
+        backlog
+            .iter()
+            .map(|c| match c {
+                Command::Run { job, .. } => job.request.width,
+                Command::Retain(_) => 0,
+            })
+            .collect()
+    }
+
+    fn batching(max: usize, window_ms: u64) -> Batching {
+        Batching::new(
+            max,
+            Duration::from_millis(window_ms),
+            Arc::new(Semaphore::new(max)),
+        )
+    }
+
+    #[test]
+    fn only_jobs_that_run_alike_share_a_key() {
+        let base = BatchKey::of(&job("a", 64)).expect("plain text-to-image batches");
+        assert_eq!(BatchKey::of(&job("a", 64)).as_ref(), Some(&base));
+        assert_ne!(BatchKey::of(&job("b", 64)).as_ref(), Some(&base));
+        assert_ne!(BatchKey::of(&job("a", 128)).as_ref(), Some(&base));
+        let mut other = job("a", 64);
+        other.request.steps = 3;
+        assert_ne!(BatchKey::of(&other).as_ref(), Some(&base));
+        let mut unguided = job("a", 64);
+        unguided.request.guidance_scale = 1.0;
+        assert_ne!(BatchKey::of(&unguided).as_ref(), Some(&base));
+        // Prompts, seeds and guidance scale may differ.
+        let mut differs = job("a", 64);
+        differs.request.prompt = "a lighthouse".to_owned();
+        differs.request.seed = 9;
+        differs.request.guidance_scale = 9.0;
+        assert_eq!(BatchKey::of(&differs).as_ref(), Some(&base));
+        let mut latents = job("a", 64);
+        latents.request.initial_latents = Some(vec![0.0; 16]);
+        assert!(BatchKey::of(&latents).is_none());
+    }
+
+    #[test]
+    fn gathers_compatible_jobs_up_to_the_limit_and_keeps_the_rest_in_order() {
+        let (sender, receiver) = mpsc::channel();
+        let mut backlog = VecDeque::from([run(job("a", 128)), run(job("a", 64))]);
+        for width in [64, 96, 64, 64, 64] {
+            sender.send(run(job("a", width))).unwrap();
+        }
+        let first = job("a", 64);
+        let key = BatchKey::of(&first).unwrap();
+        let mut batch = vec![(first, oneshot::channel().0)];
+        gather(
+            &receiver,
+            &mut backlog,
+            &mut batch,
+            &key,
+            &batching(4, 1000),
+        );
+        assert_eq!(widths(&batch), [64, 64, 64, 64]);
+        // Nothing was on its way, so it did not wait; the others keep their order.
+        assert_eq!(backlog_widths(&backlog), [128, 96]);
+        assert!(matches!(receiver.try_recv(), Ok(Command::Run { .. })));
+    }
+
+    #[test]
+    fn waits_for_an_admitted_job_but_not_for_jobs_that_cannot_get_a_permit() {
+        let (sender, receiver) = mpsc::channel::<Command>();
+        let batching = batching(4, 5_000);
+        let first = job("a", 64);
+        let key = BatchKey::of(&first).unwrap();
+
+        // A job holding an engine permit is on its way: the batch waits for it.
+        let mut claim = batching.claim();
+        claim.admit();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            sender.send(run(job("a", 64))).unwrap();
+            drop(claim);
+            sender
+        });
+        let mut batch = vec![(first, oneshot::channel().0)];
+        let mut backlog = VecDeque::new();
+        let started = Instant::now();
+        gather(&receiver, &mut backlog, &mut batch, &key, &batching);
+        assert_eq!(batch.len(), 2, "the admitted job joined");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "stopped waiting once it came"
+        );
+        let _sender = late.join().unwrap();
+
+        // A pulled job with every permit taken cannot come before the batch ends: no wait.
+        let held = batching.slots.clone().try_acquire_many_owned(4).unwrap();
+        let _pulled = batching.claim();
+        let mut batch = vec![(job("a", 64), oneshot::channel().0)];
+        let started = Instant::now();
+        gather(&receiver, &mut backlog, &mut batch, &key, &batching);
+        assert_eq!(batch.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(held);
+    }
+}
