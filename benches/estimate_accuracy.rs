@@ -6,6 +6,7 @@
 //!
 //!   cargo bench --bench estimate_accuracy       # 96 jobs: 72 history, 24 held out
 //!   BENCH_JOBS=200 cargo bench --bench estimate_accuracy
+//!   BENCH_CPU_THREADS=0 ...   # ONNX Runtime's default threads instead of 1 (0: auto)
 //!
 //! Reports the median absolute percentage error of p50 on the held-out jobs, the share of
 //! them at or under p90, and writes `bench/estimate-accuracy.json` with the recorded rows in
@@ -43,6 +44,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(run(jobs, benchmarking))
+}
+
+/// ONNX Runtime threads of the CPU consumer: `BENCH_CPU_THREADS`, 1 by default, so that the
+/// engine does not compete for the cores with Postgres, RabbitMQ and the worker's own tasks
+/// (which makes run times jump from one run of a shape to the next on a small host).
+fn cpu_threads() -> u32 {
+    std::env::var("BENCH_CPU_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// A small deterministic generator, so every run measures the same shapes in the same order.
@@ -93,6 +104,7 @@ async fn record(
     };
     config.worker.devices = DevicesSetting::List(vec![Device::Cpu]);
     config.worker.poll_interval_ms = 10;
+    config.worker.cpu_threads = cpu_threads();
     for model in &mut config.models.models {
         if model.name == "tiny-sdxl" {
             model.path =
@@ -225,6 +237,7 @@ fn score(
         });
         if wall > Duration::ZERO {
             result["wall_seconds"] = json!((wall.as_secs_f64() * 10.0).round() / 10.0);
+            result["cpu_threads"] = json!(cpu_threads());
         } else if let Ok(file) = std::env::var("BENCH_SAMPLES") {
             result["scored_from"] = json!(file);
         }

@@ -149,6 +149,11 @@ pub const KEYS: &[KeySpec] = &[
         "longest wait for jobs joining a batch",
     ),
     key(
+        "worker.cpu_threads",
+        "SDXL_WORKER_CPU_THREADS",
+        "ONNX Runtime threads of a CPU consumer (0: auto)",
+    ),
+    key(
         "worker.max_attempts",
         "SDXL_WORKER_MAX_ATTEMPTS",
         "attempts before a job is failed",
@@ -464,6 +469,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "worker.prefetch" => s.worker.prefetch = v.int()?,
         "worker.max_batch" => s.worker.max_batch = v.int()?,
         "worker.batch_window_ms" => s.worker.batch_window_ms = v.int()?,
+        "worker.cpu_threads" => s.worker.cpu_threads = v.int()?,
         "worker.model_cache_mb" => s.worker.model_cache_mb = v.int()?,
         "worker.result_cache" => s.worker.result_cache = v.flag()?,
         "worker.pid_file" => s.worker.pid_file = v.optional_text()?.map(PathBuf::from),

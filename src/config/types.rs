@@ -214,6 +214,9 @@ pub struct WorkerConfig {
     pub max_batch: u32,
     /// How long a batch waits for jobs that are being claimed when it starts, at most.
     pub batch_window_ms: u64,
+    /// ONNX Runtime intra-op threads of each CPU consumer; 0 (auto) gives one CPU consumer
+    /// ONNX Runtime's default (one per core) and several an equal share of the cores.
+    pub cpu_threads: u32,
     /// Attempts before a job that keeps failing with retryable errors is marked failed.
     pub max_attempts: u32,
     /// Least time between two progress updates of a job row.
@@ -257,6 +260,7 @@ impl Default for WorkerConfig {
             prefetch: 1,
             max_batch: 1,
             batch_window_ms: 50,
+            cpu_threads: 0,
             max_attempts: 3,
             progress_interval_ms: 500,
             poll_interval_ms: 200,

@@ -358,7 +358,10 @@ async fn start_tasks(
             DevicesSetting::Auto => auto_devices(nvml.as_deref()),
             DevicesSetting::List(devices) => devices.clone(),
         };
-        let cpu_threads = cpu_threads_per_consumer(&devices);
+        let cpu_threads = match shared.config.worker.cpu_threads {
+            0 => cpu_threads_per_consumer(&devices),
+            n => Some(n as usize),
+        };
         for device in devices {
             let consumer =
                 consumer::GpuConsumer::start(shared.clone(), device, nvml.clone(), cpu_threads)
@@ -369,8 +372,9 @@ async fn start_tasks(
     Ok(())
 }
 
-/// With several CPU consumers, each gets an equal share of the cores for ONNX Runtime's
-/// intra-op threads instead of one thread per core each (which oversubscribes the machine).
+/// `worker.cpu_threads` 0 (auto): with several CPU consumers, each gets an equal share of the
+/// cores for ONNX Runtime's intra-op threads instead of one thread per core each (which
+/// oversubscribes the machine); one CPU consumer gets ONNX Runtime's default.
 fn cpu_threads_per_consumer(devices: &[Device]) -> Option<usize> {
     let cpu_consumers = devices.iter().filter(|d| **d == Device::Cpu).count();
     if cpu_consumers < 2 {
