@@ -22,7 +22,7 @@ use super::pipeline::{
     fill_block, update_block, ConditioningRows, Prepared, RunShape, UnetConstants,
 };
 use super::refiner::AestheticScores;
-use super::unet::{UnetConditioning, UnetRunner};
+use super::unet::UnetRunner;
 use super::{Engine, EngineError, GenerateOutput, GenerateRequest, Progress};
 
 /// Progress of one run of a batch: the run's index in the request list and its progress.
@@ -224,17 +224,8 @@ impl Engine {
             combined.latent_h as i64,
             combined.latent_w as i64,
         ];
-        let mut runner = UnetRunner::new(
-            self,
-            UnetConditioning {
-                encoder_hidden_states: &constants.encoder_hidden_states,
-                text_embeds: &constants.text_embeds,
-                time_ids: &constants.time_ids,
-                constants: control.zero_inputs(),
-            },
-            sample_shape,
-            false,
-        )?;
+        let mut runner =
+            UnetRunner::new(self, constants.conditioning(&control), sample_shape, false)?;
         let mut model_input = vec![0.0f32; rows * per_image];
         let mut guided = vec![0.0f32; combined.images * per_image];
         let mut left = Vec::new();

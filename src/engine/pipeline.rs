@@ -403,12 +403,7 @@ impl Engine {
         let mut guided = vec![0.0f32; per_batch];
         let mut runner = UnetRunner::new(
             self,
-            UnetConditioning {
-                encoder_hidden_states: &constants.encoder_hidden_states,
-                text_embeds: &constants.text_embeds,
-                time_ids: &constants.time_ids,
-                constants: control.zero_inputs(),
-            },
+            constants.conditioning(&control),
             sample_shape,
             state.control.is_some(),
         )?;
@@ -599,9 +594,9 @@ fn unet_err(source: ort::Error) -> EngineError {
 
 /// The UNet inputs that stay the same for every step.
 pub(super) struct UnetConstants {
-    pub encoder_hidden_states: DynValue,
-    pub text_embeds: DynValue,
-    pub time_ids: DynValue,
+    encoder_hidden_states: DynValue,
+    text_embeds: DynValue,
+    time_ids: DynValue,
 }
 
 /// One run's conditioning rows on the host, in the batch order `[negative; positive]` (only
@@ -688,6 +683,17 @@ impl ConditioningRows {
 }
 
 impl UnetConstants {
+    /// These inputs, with the zero residuals a residual UNet gets without ControlNets, as the
+    /// runner's per-run conditioning.
+    pub(super) fn conditioning<'c>(&'c self, control: &'c ControlRun<'_>) -> UnetConditioning<'c> {
+        UnetConditioning {
+            encoder_hidden_states: &self.encoder_hidden_states,
+            text_embeds: &self.text_embeds,
+            time_ids: &self.time_ids,
+            constants: control.zero_inputs(),
+        }
+    }
+
     fn new(
         model: &SdxlModel,
         conditioning: &Conditioning,
