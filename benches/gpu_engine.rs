@@ -25,8 +25,8 @@
 //! CPU), and fails if any of them fails.
 //!
 //! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
-//! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, and inside
-//! ONNX Runtime), text encoding, VAE decoding, GPU busy ratio (NVML utilization sampled every
+//! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, inside
+//! ONNX Runtime, copying between host and device, and on the host), text encoding, VAE decoding, GPU busy ratio (NVML utilization sampled every
 //! 20 ms during the runs) and GPU memory in use after the runs.
 
 use std::ops::ControlFlow;
@@ -223,6 +223,21 @@ fn run_variant(
         .iter()
         .flat_map(|(_, t)| t.per_step_session_run.iter().copied())
         .collect();
+    let steps_copy: Vec<Duration> = all
+        .iter()
+        .flat_map(|(_, t)| t.per_step_copies.iter().copied())
+        .collect();
+    // What a step spends on the host: its wall time less ONNX Runtime and the copies.
+    let steps_host: Vec<Duration> = all
+        .iter()
+        .flat_map(|(_, t)| {
+            t.per_step
+                .iter()
+                .zip(&t.per_step_session_run)
+                .zip(&t.per_step_copies)
+                .map(|((w, r), c)| w.saturating_sub(*r + *c))
+        })
+        .collect();
     let stage = |f: fn(&StageTimings) -> Duration| median(all.iter().map(|(_, t)| f(t)).collect());
     let wall = median(walls.clone());
     let step = median(steps_wall);
@@ -242,6 +257,8 @@ fn run_variant(
         "images_per_s": f64::from(images) / wall.as_secs_f64(),
         "unet_step_ms": ms(step),
         "unet_step_session_run_ms": ms(median(steps_run)),
+        "unet_step_copy_ms": ms(median(steps_copy)),
+        "unet_step_host_ms": ms(median(steps_host)),
         "text_encoding_ms": ms(stage(|t| t.text_encoding)),
         "denoising_ms": ms(stage(|t| t.denoising)),
         "vae_decode_ms": ms(vae),

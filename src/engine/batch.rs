@@ -278,6 +278,7 @@ impl Engine {
                 );
                 run.timings.per_step.push(elapsed);
                 run.timings.per_step_session_run.push(result.session_time);
+                run.timings.per_step_copies.push(result.copy_time);
                 run.timings.denoising_session_run += result.session_time;
                 if let Err(err) = updated {
                     left.push((m.index, Err(err)));

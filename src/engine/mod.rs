@@ -185,6 +185,11 @@ pub struct StageTimings {
     pub vae_decode: Duration,
     /// Time inside `Session::run` for each step (same order as `per_step`).
     pub per_step_session_run: Vec<Duration>,
+    /// Time each step spent copying its inputs to the device and its prediction back (runs
+    /// with device-bound UNet buffers; zero on the host path, where the copies happen inside
+    /// `Session::run`). What is left of a step besides this and `per_step_session_run` is host
+    /// work: guidance, the scheduler update and float16 conversions.
+    pub per_step_copies: Vec<Duration>,
     /// Time inside `Session::run` during text encoding.
     pub text_encoding_session_run: Duration,
     /// Time inside `Session::run` during VAE decoding.

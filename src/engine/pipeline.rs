@@ -441,6 +441,7 @@ impl Engine {
             )?;
             state.timings.per_step.push(step_started.elapsed());
             state.timings.per_step_session_run.push(result.session_time);
+            state.timings.per_step_copies.push(result.copy_time);
             state.timings.denoising_session_run += result.session_time;
             if progress(Progress {
                 step: (i - start) as u32 + 1,

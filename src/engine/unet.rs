@@ -93,10 +93,12 @@ pub(super) struct UnetConditioning<'a> {
     pub constants: Vec<(&'a str, &'a DynValue)>,
 }
 
-/// What one step returns: the prediction as `f32` and the time inside ONNX Runtime.
+/// What one step returns: the prediction as `f32`, the time inside ONNX Runtime and the time
+/// spent copying between host and device outside it.
 pub(super) struct StepOutput {
     pub out: Vec<f32>,
     pub session_time: Duration,
+    pub copy_time: Duration,
 }
 
 enum Mode<'e> {
@@ -213,17 +215,25 @@ impl Bound {
         t: f64,
         rows: usize,
     ) -> Result<StepOutput, EngineError> {
-        upload(sample, &mut self.sample).map_err(unet_err)?;
         let timestep = timestep_host(&unet.timestep, t, rows).map_err(unet_err)?;
+        let copy_started = Instant::now();
+        upload(sample, &mut self.sample).map_err(unet_err)?;
         upload(&timestep, &mut self.timestep).map_err(unet_err)?;
+        let mut copy_time = copy_started.elapsed();
         let started = Instant::now();
         component
             .with_session(|session| session.run_binding(&self.binding).map(drop))
             .map_err(unet_err)?;
         let session_time = started.elapsed();
+        let copy_started = Instant::now();
         let host = self.out.to(AllocationDevice::CPU, 0).map_err(unet_err)?;
+        copy_time += copy_started.elapsed();
         let out = tensor::to_f32(&host.into_dyn()).map_err(unet_err)?.data;
-        Ok(StepOutput { out, session_time })
+        Ok(StepOutput {
+            out,
+            session_time,
+            copy_time,
+        })
     }
 }
 
@@ -354,6 +364,7 @@ impl<'e> UnetRunner<'e> {
                         .map(|o| o.data)
                         .unwrap_or_default(),
                     session_time: result.session_time,
+                    copy_time: Duration::ZERO,
                 })
             }
             Mode::Device(bound) => {
