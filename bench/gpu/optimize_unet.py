@@ -1,11 +1,15 @@
-"""Fuse the float32 UNet of an export and convert it to float16 (onnx/optimize_sdxl.py), and lay
-out a model directory whose other components are the float32 ones.
+"""Build the benchmark's fused model directories from the float32 export (FP32_DIR).
 
     python3 bench/gpu/optimize_unet.py FP32_DIR FUSED_DIR
+    python3 bench/gpu/optimize_unet.py --rest FP32_DIR FUSED_DIR VAE16_DIR
 
-The text encoders and the VAE stay float32 and unfused here: they run once per image, and the
-VAE must decode in float32 anyway (the stock SDXL VAE overflows float16). `onnx/export_sdxl.py
---optimize` fuses every component; this keeps the benchmark's export inside one 10-minute call.
+The first form fuses the float32 UNet and converts it to float16 (onnx/optimize_sdxl.py) and lays
+out FUSED_DIR with the other components linked to the float32 ones: the UNet alone takes most of
+a 10-minute call. `--rest` then does what `onnx/export_sdxl.py --optimize` does to the text
+encoders (fused, float16) in FUSED_DIR, and writes VAE16_DIR: FUSED_DIR with a fused float16 VAE
+decoder, the configuration of an fp16-safe VAE (such as sdxl-vae-fp16-fix, the same architecture
+with weights that stay inside float16's range). FUSED_DIR keeps the float32 VAE, what the stock
+SDXL VAE needs.
 """
 
 import json
@@ -20,15 +24,45 @@ from export_sdxl import save_model  # noqa: E402
 from optimize_sdxl import _check_numpy, optimize_component  # noqa: E402
 
 
+def fuse_into(src, dst, name, model_type, float16):
+    """Fuse `src/name` into `dst/name` (replacing a link or directory there); returns counts."""
+    started = time.perf_counter()
+    model = optimize_component(os.path.join(src, name, "model.onnx"), model_type, float16)
+    target = os.path.join(dst, name)
+    if os.path.islink(target):
+        os.remove(target)
+    elif os.path.exists(target):
+        shutil.rmtree(target)
+    os.makedirs(target)
+    shutil.copy2(os.path.join(src, name, "config.json"), os.path.join(target, "config.json"))
+    save_model(model.model, os.path.join(target, "model.onnx"), external=True)
+    counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    return {"seconds": time.perf_counter() - started, "float16": float16, "fused": counts}
+
+
 def main():
-    src, dst = sys.argv[1], sys.argv[2]
     _check_numpy()
+    if sys.argv[1] == "--rest":
+        src, dst, vae16 = sys.argv[2], sys.argv[3], sys.argv[4]
+        report = {}
+        for name in ("text_encoder", "text_encoder_2"):
+            report[name] = fuse_into(src, dst, name, "clip", True)
+        if os.path.exists(vae16):
+            shutil.rmtree(vae16)
+        os.makedirs(vae16)
+        for entry in os.listdir(dst):
+            if entry != "vae_decoder":
+                os.symlink(os.path.realpath(os.path.join(dst, entry)), os.path.join(vae16, entry))
+        report["vae_decoder"] = fuse_into(src, vae16, "vae_decoder", "vae", True)
+        print(json.dumps(report), flush=True)
+        return
+    src, dst = sys.argv[1], sys.argv[2]
     if os.path.exists(dst):
         shutil.rmtree(dst)
     os.makedirs(dst)
     for entry in os.listdir(src):
         if entry != "unet":
-            os.symlink(os.path.join(src, entry), os.path.join(dst, entry))
+            os.symlink(os.path.abspath(os.path.join(src, entry)), os.path.join(dst, entry))
     started = time.perf_counter()
     model = optimize_component(os.path.join(src, "unet", "model.onnx"), "unet", True)
     os.makedirs(os.path.join(dst, "unet"))

@@ -35,4 +35,4 @@ for _ in range(10):
     io.synchronize_outputs()
     times.append((time.perf_counter() - t) * 1000)
 libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "cudnn" in l or "cublas" in l})
-print({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "libs": len(libs)})
+print(json.dumps({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "libs": len(libs)}))

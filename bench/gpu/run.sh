@@ -13,8 +13,12 @@
 #   bench/gpu/run.sh optimize       [carry .gpu-stage/ort.01] fuse the UNet to float16 while
 #                                   diffusers runs under torch.compile(mode="reduce-overhead")
 #   bench/gpu/run.sh part NN        [carry .gpu-stage/ort.NN] store one more part
-#   bench/gpu/run.sh engine         [carry .gpu-stage/bin] unpack ONNX Runtime, run the engine
-#                                   on one image under several CUDA settings
+#   bench/gpu/run.sh optimize-rest  fuse the text encoders to float16, and a float16 VAE decoder
+#                                   into a second model directory (fused-vae16)
+#   bench/gpu/run.sh engine         [carry .gpu-stage/bin] unpack ONNX Runtime, time the fused
+#                                   UNet in ONNX Runtime's Python API (plain defaults), run the
+#                                   engine on one image under several CUDA settings, with the
+#                                   float32 VAE and with the float16 one
 #   bench/gpu/run.sh batch          the same with four jobs per run (the dynamic batch) and with
 #                                   one request of four images
 #   bench/gpu/run.sh svc NN         [carry .gpu-stage/svc.NN, .gpu-stage/svc.sha256] store one
@@ -23,7 +27,7 @@
 #                                   worker end to end (bench/gpu/worker_e2e.py)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|engine|batch|svc NN|worker}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -99,6 +103,11 @@ case "$cmd" in
   part)
     stash_part "${2:?part number}"
     ;;
+  optimize-rest)
+    python_env
+    python3 bench/gpu/optimize_unet.py --rest "$work/fp32" "$work/fused" "$work/fused-vae16" \
+      | tee "$work/optimize-rest.json"
+    ;;
   engine)
     whl="$work/stage/ort.whl"
     cat "$work"/stage/ort.[0-9]* > "$whl"
@@ -108,9 +117,28 @@ case "$cmd" in
     xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
     export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
     cp "$work"/*.json "$out/" 2>/dev/null || true
+    # ONNX Runtime's own Python API on the same fused UNet, its default CUDA settings.
+    rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
+    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" "$whl"
+    python_env
+    PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx" \
+      | python3 -c "
+import json, sys
+lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
+json.dump({'what': 'The fused float16 UNet in ONNX Runtime $ort_version Python API '
+           '(bench/gpu/ort_probe.py): IoBinding on the GPU, batch 2, 128x128 latents, '
+           'default CUDA execution provider options, median of 10 after 3 warm-up runs',
+           'results': lines}, open(sys.argv[1], 'w'), indent=1)
+print(lines)" "$out/ort-python-probe.json" || true
+    cp "$out/ort-python-probe.json" "$work/" 2>/dev/null || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
       BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-b1.json" "$work/"
+    if [ -d "$work/fused-vae16" ]; then
+      BENCH_MODEL="$work/fused-vae16" BENCH_OUT="$out/engine-b1-vae16.json" \
+        BENCH_VARIANTS="${BENCH_VARIANTS_VAE16:-default,graph}" "$work/gpu_engine" --bench
+      cp "$out/engine-b1-vae16.json" "$work/"
+    fi
     ;;
   batch)
     export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
@@ -127,11 +155,11 @@ case "$cmd" in
     ;;
   worker)
     export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
-    cp "$work"/*.json "$out/" 2>/dev/null || true
     xz -dc .gpu-stage/wbin/sdxl-worker.xz > "$work/sdxl-worker" && chmod +x "$work/sdxl-worker"
     BENCH_WORK="$work" bench/gpu/services.sh start
-    python3 bench/gpu/worker_e2e.py --bin "$work/sdxl-worker" --model "$work/fused" \
-      --out "$out/worker-e2e.json" --jobs "${E2E_JOBS:-12}" --scenarios "${E2E_SCENARIOS:-1:2,4:8}"
+    python3 bench/gpu/worker_e2e.py --bin "$work/sdxl-worker" --model "${E2E_MODEL:-$work/fused}" \
+      --out "$out/${E2E_NAME:-worker-e2e}.json" --jobs "${E2E_JOBS:-12}" \
+      --scenarios "${E2E_SCENARIOS:-1:2,4:8}"
     BENCH_WORK="$work" bench/gpu/services.sh stop || true
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;

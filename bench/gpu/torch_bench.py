@@ -8,6 +8,8 @@ for decoding, as diffusers does for the stock SDXL VAE) and measures, with CUDA 
 - one UNet evaluation at batch 2 (one 1024x1024 image with classifier-free guidance), and at
   batch 8 (four images);
 - the whole pipeline, 30 Euler steps at 1024x1024, one image (prompt to PIL image), and four;
+- eager only: one image again with the VAE decoding in float16 (`force_upcast` off), what
+  diffusers does with an fp16-safe VAE such as sdxl-vae-fp16-fix;
 - peak GPU memory of each.
 
 `--mode eager` runs PyTorch eagerly with SDPA attention; `--mode compile` wraps the UNet in
@@ -134,6 +136,9 @@ def main():
     print(json.dumps(report["pipeline_1"]), flush=True)
     if args.mode == "eager":
         report["pipeline_4"] = time_pipeline(pipe, 4, 2)
+        pipe.vae.register_to_config(force_upcast=False)  # config is a FrozenDict
+        report["pipeline_1_vae_fp16"] = time_pipeline(pipe, 1, args.runs)
+        pipe.vae.register_to_config(force_upcast=True)
     with open(os.path.join(args.out, f"torch-{args.mode}.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report), flush=True)

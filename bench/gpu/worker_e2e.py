@@ -146,6 +146,21 @@ def submit(args, config, n, seed):
     return job_id
 
 
+def submit_all(args, config, count, first_seed):
+    """Publish `count` jobs at once (one thread each); returns their ids in order."""
+    ids = [None] * count
+
+    def publish(i):
+        ids[i] = submit(args, config, i, first_seed + i)
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return ids
+
+
 def row(args, config, job_id):
     done = cli(args, config, "status", job_id, check=False)
     if done.returncode != 0:
@@ -190,24 +205,15 @@ def scenario_run(args, scenario, sampler):
     )
     try:
         started = time.time()
-        warm = submit(args, config, 0, 1000)
-        warm_row = wait_all(args, config, [warm], 600)[warm]
-        if warm_row["state"] != "succeeded":
-            raise SystemExit(f"warm-up job: {json.dumps(warm_row)}")
+        # As many warm-up jobs as one batch holds, published together: the batched shapes
+        # pay their one-time costs (cuDNN's algorithm search) before the measured window.
+        warm_ids = submit_all(args, config, scenario["max_batch"], 1000)
+        for warm_id, warm_row in wait_all(args, config, warm_ids, 600).items():
+            if warm_row["state"] != "succeeded":
+                raise SystemExit(f"warm-up job {warm_id}: {json.dumps(warm_row)}")
         warm_s = time.time() - started
         t0 = time.time()
-        ids = [None] * args.jobs
-        threads = []
-
-        def publish(i):
-            ids[i] = submit(args, config, i, i + 1)
-
-        for i in range(args.jobs):
-            th = threading.Thread(target=publish, args=(i,))
-            th.start()
-            threads.append(th)
-        for th in threads:
-            th.join()
+        ids = submit_all(args, config, args.jobs, 1)
         rows = wait_all(args, config, ids, 900)
         states = [r["state"] for r in rows.values()]
         failed = [r for r in rows.values() if r["state"] != "succeeded"]
@@ -249,6 +255,18 @@ def scenario_run(args, scenario, sampler):
             "median_png_ms": med("png_ms"),
             "median_upload_ms": med("upload_ms"),
             "batch_sizes": sorted(m.get("batch_size", 1) for m in metrics),
+            # Each job: started and finished (seconds after the first publish), batch size,
+            # and its first and median step, to see where a run loses time.
+            "timeline": sorted(
+                [
+                    round(ts(r["started_at"]) - t0, 3),
+                    round(ts(r["finished_at"]) - t0, 3),
+                    (r.get("metrics") or {}).get("batch_size", 1),
+                    ((r.get("metrics") or {}).get("step_ms") or [None])[0],
+                    statistics.median((r.get("metrics") or {}).get("step_ms") or [0]),
+                ]
+                for r in rows.values()
+            ),
             "median_step_ms": statistics.median(
                 s for m in metrics for s in (m.get("step_ms") or [])
             ),
@@ -298,7 +316,7 @@ def main():
     finally:
         sampler.stop()
     env = {k: v for k, v in os.environ.items() if k.startswith("SDXL_")}
-    report = {"steps": args.steps, "size": args.size, "env": env, "results": results}
+    report = {"model": args.model, "steps": args.steps, "size": args.size, "env": env, "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
 
