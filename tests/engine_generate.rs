@@ -166,3 +166,29 @@ fn an_absent_negative_prompt_differs_from_an_empty_one() {
     empty.negative_prompt = Some(String::new());
     assert_ne!(run(&none).latents, run(&empty).latents);
 }
+
+/// The positive and negative prompts share each text encoder's session run (two batch rows);
+/// each row must be what that text gives when encoded alone.
+#[test]
+fn prompts_encoded_together_equal_prompts_encoded_alone() {
+    use sdxl_worker::engine::text::{self, PromptTexts};
+    let model = common::tiny_engine().model();
+    let texts = |prompt, negative_prompt| PromptTexts {
+        prompt,
+        prompt_2: None,
+        negative_prompt,
+        negative_prompt_2: None,
+    };
+    let prompt = "a red fox in the snow, golden hour";
+    let both = text::encode_prompts(model, &texts(prompt, Some("blurry")), true).unwrap();
+    let alone = |t| {
+        text::encode_prompts(model, &texts(t, None), false)
+            .unwrap()
+            .positive
+    };
+    assert_eq!(both.positive, alone(prompt));
+    assert_eq!(
+        both.negative.expect("guidance gives a negative"),
+        alone("blurry")
+    );
+}

@@ -9,6 +9,10 @@
 //!   (`prompt`, `negative_prompt`) with it, and its hidden state alone is the conditioning.
 //! - With `force_zeros_for_empty_prompt`, an *absent* negative prompt gives all-zero negative
 //!   embeddings and pooled embedding; an empty string is encoded like any other text.
+//!
+//! The positive and negative texts go through each encoder together, as two rows of one session
+//! run. diffusers runs them one at a time; rows do not interact, and on the CPU each row equals
+//! its text encoded alone bit for bit (`tests/engine_generate.rs`).
 
 use std::time::Duration;
 
@@ -67,23 +71,39 @@ fn non_empty(s: Option<&str>) -> Option<&str> {
     s.filter(|s| !s.is_empty())
 }
 
-fn encode_one(
+/// Encode `texts` with one encoder in one session run (one batch row per text; CLIP tokenizers
+/// pad every text to the same length). Returns one result per text, in order.
+fn encode_texts(
     encoder: &TextEncoder,
     tokenizer: &ClipTokenizer,
-    text: &str,
+    texts: &[&str],
     session_time: &mut Duration,
-) -> Result<EncodedText, EngineError> {
+) -> Result<Vec<EncodedText>, EngineError> {
     const STAGE: &str = "text encoder";
-    let (ids, dropped) = tokenizer.encode_counting(text)?;
-    if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            max_length = tokenizer.max_length(),
-            "prompt truncated: CLIP reads at most {} tokens",
-            tokenizer.max_length()
-        );
+    let mut ids = Vec::new();
+    let mut len = None;
+    for text in texts {
+        let (text_ids, dropped) = tokenizer.encode_counting(text)?;
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                max_length = tokenizer.max_length(),
+                "prompt truncated: CLIP reads at most {} tokens",
+                tokenizer.max_length()
+            );
+        }
+        if *len.get_or_insert(text_ids.len()) != text_ids.len() {
+            // Unpadded token lists of different lengths cannot share a batch.
+            let mut out = Vec::with_capacity(texts.len());
+            for text in texts {
+                out.extend(encode_texts(encoder, tokenizer, &[text], session_time)?);
+            }
+            return Ok(out);
+        }
+        ids.extend(text_ids);
     }
-    let shape = [1, ids.len() as i64];
+    let rows = texts.len();
+    let shape = [rows as i64, len.unwrap_or(0) as i64];
     let value = tensor::int_value(encoder.input_ids.elem, &shape, &ids).map_err(|source| {
         EngineError::Inference {
             stage: STAGE,
@@ -106,90 +126,106 @@ fn encode_one(
             message: "no hidden state".to_owned(),
         })?;
     let (seq, width) = match hidden.shape.as_slice() {
-        [1, s, w] if *s > 0 && *w > 0 => (*s as usize, *w as usize),
+        [r, s, w] if *r as usize == rows && *s > 0 && *w > 0 => (*s as usize, *w as usize),
         other => {
             return Err(EngineError::UnexpectedOutput {
                 stage: STAGE,
-                message: format!("hidden state of shape {other:?}, expected [1, seq, width]"),
+                message: format!("hidden state of shape {other:?}, expected [{rows}, seq, width]"),
             })
         }
     };
     let pooled = match outputs.next() {
         Some(p) => match p.shape.as_slice() {
-            [1, w] if *w > 0 => Some(p.data),
+            [r, w] if *r as usize == rows && *w > 0 => Some((p.data, *w as usize)),
             other => {
                 return Err(EngineError::UnexpectedOutput {
                     stage: STAGE,
-                    message: format!("text_embeds of shape {other:?}, expected [1, width]"),
+                    message: format!("text_embeds of shape {other:?}, expected [{rows}, width]"),
                 })
             }
         },
         None => None,
     };
-    Ok(EncodedText {
-        hidden: hidden.data,
-        seq,
-        width,
-        pooled,
-    })
+    Ok((0..rows)
+        .map(|r| EncodedText {
+            hidden: hidden.data[r * seq * width..(r + 1) * seq * width].to_vec(),
+            seq,
+            width,
+            pooled: pooled
+                .as_ref()
+                .map(|(data, w)| data[r * w..(r + 1) * w].to_vec()),
+        })
+        .collect())
 }
 
-/// Encode `text` with the first encoder and `text_2` with the second, concatenated.
-fn encode_pair(
+/// Encode each pair's first text with the first encoder and its second text with the second,
+/// concatenated; every encoder runs once for all the pairs.
+fn encode_pairs(
     model: &SdxlModel,
-    text: &str,
-    text_2: &str,
+    pairs: &[(&str, &str)],
     session_time: &mut Duration,
-) -> Result<Embedding, EngineError> {
+) -> Result<Vec<Embedding>, EngineError> {
     let no_pooled = || EngineError::UnexpectedOutput {
         stage: "text encoder",
         message: "no text_embeds from text_encoder_2".to_owned(),
     };
+    let firsts: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    let seconds: Vec<&str> = pairs.iter().map(|p| p.1).collect();
     let Some((encoder, tokenizer)) = model.text_encoder.as_ref().zip(model.tokenizer.as_ref())
     else {
-        let b = encode_one(
+        // A refiner: the first text of each pair goes to its only encoder.
+        let encoded = encode_texts(
             &model.text_encoder_2,
             &model.tokenizer_2,
-            text,
+            &firsts,
             session_time,
         )?;
-        return Ok(Embedding {
-            pooled: b.pooled.ok_or_else(no_pooled)?,
-            hidden: b.hidden,
-            seq: b.seq,
-            width: b.width,
-        });
+        return encoded
+            .into_iter()
+            .map(|b| {
+                Ok(Embedding {
+                    pooled: b.pooled.ok_or_else(no_pooled)?,
+                    hidden: b.hidden,
+                    seq: b.seq,
+                    width: b.width,
+                })
+            })
+            .collect();
     };
-    let a = encode_one(encoder, tokenizer, text, session_time)?;
-    let b = encode_one(
+    let first = encode_texts(encoder, tokenizer, &firsts, session_time)?;
+    let second = encode_texts(
         &model.text_encoder_2,
         &model.tokenizer_2,
-        text_2,
+        &seconds,
         session_time,
     )?;
-    if a.seq != b.seq {
-        return Err(EngineError::UnexpectedOutput {
-            stage: "text encoder",
-            message: format!("sequence lengths {} and {} that differ", a.seq, b.seq),
+    let mut out = Vec::with_capacity(pairs.len());
+    for (a, b) in first.into_iter().zip(second) {
+        if a.seq != b.seq {
+            return Err(EngineError::UnexpectedOutput {
+                stage: "text encoder",
+                message: format!("sequence lengths {} and {} that differ", a.seq, b.seq),
+            });
+        }
+        let pooled = b.pooled.ok_or_else(no_pooled)?;
+        let width = a.width + b.width;
+        let mut hidden = Vec::with_capacity(a.seq * width);
+        for (row_a, row_b) in a
+            .hidden
+            .chunks_exact(a.width)
+            .zip(b.hidden.chunks_exact(b.width))
+        {
+            hidden.extend_from_slice(row_a);
+            hidden.extend_from_slice(row_b);
+        }
+        out.push(Embedding {
+            hidden,
+            pooled,
+            seq: a.seq,
+            width,
         });
     }
-    let pooled = b.pooled.ok_or_else(no_pooled)?;
-    let width = a.width + b.width;
-    let mut hidden = Vec::with_capacity(a.seq * width);
-    for (row_a, row_b) in a
-        .hidden
-        .chunks_exact(a.width)
-        .zip(b.hidden.chunks_exact(b.width))
-    {
-        hidden.extend_from_slice(row_a);
-        hidden.extend_from_slice(row_b);
-    }
-    Ok(Embedding {
-        hidden,
-        pooled,
-        seq: a.seq,
-        width,
-    })
+    Ok(out)
 }
 
 /// Encode the prompts of a request; `guidance` says whether negative conditioning is needed.
@@ -200,15 +236,33 @@ pub fn encode_prompts(
 ) -> Result<Conditioning, EngineError> {
     let mut session_time = Duration::ZERO;
     let prompt_2 = non_empty(texts.prompt_2).unwrap_or(texts.prompt);
-    let positive = encode_pair(model, texts.prompt, prompt_2, &mut session_time)?;
-    let negative = if !guidance {
-        None
-    } else if texts.negative_prompt.is_none() && model.config.force_zeros_for_empty_prompt {
-        Some(Embedding::zeros_like(&positive))
-    } else {
+    let zero_negative =
+        texts.negative_prompt.is_none() && model.config.force_zeros_for_empty_prompt;
+    let mut pairs = vec![(texts.prompt, prompt_2)];
+    if guidance && !zero_negative {
+        // Positive and negative texts share each encoder's run.
         let negative = texts.negative_prompt.unwrap_or("");
         let negative_2 = non_empty(texts.negative_prompt_2).unwrap_or(negative);
-        Some(encode_pair(model, negative, negative_2, &mut session_time)?)
+        pairs.push((negative, negative_2));
+    }
+    let mut encoded = encode_pairs(model, &pairs, &mut session_time)?.into_iter();
+    let positive = encoded
+        .next()
+        .ok_or_else(|| EngineError::UnexpectedOutput {
+            stage: "text encoder",
+            message: "no conditioning for the prompt".to_owned(),
+        })?;
+    let negative = match (guidance, zero_negative) {
+        (false, _) => None,
+        (true, true) => Some(Embedding::zeros_like(&positive)),
+        (true, false) => Some(
+            encoded
+                .next()
+                .ok_or_else(|| EngineError::UnexpectedOutput {
+                    stage: "text encoder",
+                    message: "no conditioning for the negative prompt".to_owned(),
+                })?,
+        ),
     };
     Ok(Conditioning {
         positive,
