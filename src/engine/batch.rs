@@ -18,11 +18,10 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::controlnet::ControlRun;
-use super::pipeline::{
-    fill_block, update_block, ConditioningRows, Prepared, RunShape, UnetConstants,
-};
+use super::pipeline::{fill_block, update_block, Prepared, RunShape};
 use super::refiner::AestheticScores;
 use super::unet::UnetRunner;
+use super::unet_inputs::{ConditioningRows, UnetConstants};
 use super::{Engine, EngineError, GenerateOutput, GenerateRequest, Progress};
 
 /// Progress of one run of a batch: the run's index in the request list and its progress.

@@ -28,6 +28,7 @@ pub mod tensor;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
+pub mod unet_inputs;
 pub mod vae;
 
 use std::ops::ControlFlow;

@@ -141,7 +141,7 @@ fn upload(host: &DynValue, device: &mut DynTensor) -> ort::Result<()> {
 }
 
 fn timestep_host(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
-    super::pipeline::timestep_value(input, t, rows)
+    super::unet_inputs::timestep_value(input, t, rows)
 }
 
 impl Bound {

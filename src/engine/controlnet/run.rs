@@ -1,0 +1,281 @@
+//! The ControlNet part of one run: each unit's inputs prepared once, then at every step the
+//! ControlNet evaluations and the scaled, summed residuals the UNet takes (zeros at steps where
+//! no ControlNet is active, and for the negative rows in guess mode).
+
+use std::time::{Duration, Instant};
+
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
+
+use super::{
+    guess_scales, keeps, ControlNet, ControlRequest, ResidualSlot, SdxlModel, UnetResiduals,
+    CONTROLNET, NET_MID,
+};
+use crate::engine::pipeline::RunShape;
+use crate::engine::text::{Conditioning, Embedding};
+use crate::engine::unet_inputs::{time_ids, timestep_value};
+use crate::engine::{tensor, EngineError, GenerateRequest};
+
+struct PreparedUnit<'a> {
+    net: &'a ControlNet,
+    cond: DynValue,
+    hidden: Option<DynValue>,
+    pooled: Option<DynValue>,
+    time_ids: Option<DynValue>,
+    scale: f32,
+    start: f64,
+    end: f64,
+}
+
+/// The ControlNet part of one run: prepared inputs and the residuals fed to the UNet each step.
+pub(crate) struct ControlRun<'a> {
+    slots: Option<&'a UnetResiduals>,
+    units: Vec<PreparedUnit<'a>>,
+    guess: bool,
+    guidance: bool,
+    shape: RunShape,
+    zeros: Vec<DynValue>,
+}
+
+impl<'a> ControlRun<'a> {
+    pub(crate) fn new(
+        model: &'a SdxlModel,
+        control: Option<&ControlRequest<'a>>,
+        conditioning: &Conditioning,
+        request: &GenerateRequest,
+        shape: &RunShape,
+    ) -> Result<Self, EngineError> {
+        let slots = model.unet.residuals.as_ref();
+        let guess = control.is_some_and(|c| c.guess_mode);
+        let rows = shape.unet_rows();
+        let cn_rows = if guess && shape.guidance {
+            shape.images
+        } else {
+            rows
+        };
+        let mut units = Vec::new();
+        for unit in control.map(|c| c.units.as_slice()).unwrap_or_default() {
+            let net = unit.net;
+            let err = |source| EngineError::Inference {
+                stage: CONTROLNET,
+                source,
+            };
+            let image = unit.image.resized(request.width, request.height);
+            let planar = image.to_planar();
+            let cond_data: Vec<f32> = (0..cn_rows).flat_map(|_| planar.iter().copied()).collect();
+            let (w, h) = (i64::from(request.width), i64::from(request.height));
+            let cond = tensor::float_value(
+                net.controlnet_cond.elem,
+                &[cn_rows as i64, 3, h, w],
+                &cond_data,
+            )
+            .map_err(err)?;
+            let parts: Vec<&Embedding> = match (&conditioning.negative, guess) {
+                (Some(neg), false) => vec![neg, &conditioning.positive],
+                _ => vec![&conditioning.positive],
+            };
+            let mut hidden = Vec::new();
+            let mut pooled = Vec::new();
+            for part in &parts {
+                for _ in 0..shape.images {
+                    hidden.extend_from_slice(&part.hidden);
+                    pooled.extend_from_slice(&part.pooled);
+                }
+            }
+            let pos = &conditioning.positive;
+            let r = cn_rows as i64;
+            let hidden = net
+                .encoder_hidden_states
+                .as_ref()
+                .map(|i| {
+                    tensor::float_value(i.elem, &[r, pos.seq as i64, pos.width as i64], &hidden)
+                })
+                .transpose()
+                .map_err(err)?;
+            let pooled = net
+                .text_embeds
+                .as_ref()
+                .map(|i| tensor::float_value(i.elem, &[r, pos.pooled.len() as i64], &pooled))
+                .transpose()
+                .map_err(err)?;
+            let ids = time_ids(request);
+            let ids: Vec<f32> = (0..cn_rows).flat_map(|_| ids).collect();
+            let time_ids = net
+                .time_ids
+                .as_ref()
+                .map(|i| tensor::float_value(i.elem, &[r, 6], &ids))
+                .transpose()
+                .map_err(err)?;
+            units.push(PreparedUnit {
+                net,
+                cond,
+                hidden,
+                pooled,
+                time_ids,
+                scale: unit.conditioning_scale,
+                start: unit.guidance_start,
+                end: unit.guidance_end,
+            });
+        }
+        let mut zeros = Vec::new();
+        if let Some(slots) = slots {
+            for slot in slots.down.iter().chain(std::iter::once(&slots.mid)) {
+                let dims = slot.shape(rows, shape.latent_h, shape.latent_w);
+                let data = vec![0.0f32; dims.iter().product()];
+                let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+                zeros.push(tensor::float_value(slot.info.elem, &dims, &data).map_err(unet_err)?);
+            }
+        }
+        Ok(Self {
+            slots,
+            units,
+            guess,
+            guidance: shape.guidance,
+            shape: *shape,
+            zeros,
+        })
+    }
+
+    /// The residual inputs with every residual zero (none for a plain UNet): what a residual
+    /// UNet gets at steps where no ControlNet is active.
+    pub(crate) fn zero_inputs(&self) -> Vec<(&'a str, &DynValue)> {
+        let Some(slots) = self.slots else {
+            return Vec::new();
+        };
+        slots
+            .down
+            .iter()
+            .chain(std::iter::once(&slots.mid))
+            .map(|s| s.name.as_str())
+            .zip(&self.zeros)
+            .collect()
+    }
+
+    /// The residual inputs for step `i` of `total` (none for a plain UNet). `model_input` is the
+    /// UNet's scaled batch. ControlNet time is added to `spent`.
+    pub(crate) fn step(
+        &self,
+        i: usize,
+        total: usize,
+        model_input: &[f32],
+        t: f64,
+        spent: &mut Duration,
+    ) -> Result<Vec<(&'a str, SessionInputValue<'_>)>, EngineError> {
+        let Some(slots) = self.slots else {
+            return Ok(Vec::new());
+        };
+        let names = slots.down.iter().chain(std::iter::once(&slots.mid));
+        let active: Vec<&PreparedUnit<'a>> = self
+            .units
+            .iter()
+            .filter(|u| u.scale != 0.0 && keeps(i, total, u.start, u.end))
+            .collect();
+        if active.is_empty() {
+            return Ok(names
+                .zip(&self.zeros)
+                .map(|(s, z)| (s.name.as_str(), z.into()))
+                .collect());
+        }
+        let started = Instant::now();
+        let shape = self.shape;
+        let rows = shape.unet_rows();
+        let split = self.guess && self.guidance;
+        let cn_rows = if split { shape.images } else { rows };
+        let sample_data = &model_input[..cn_rows * shape.per_image()];
+        let sample_shape = [
+            cn_rows as i64,
+            shape.channels as i64,
+            shape.latent_h as i64,
+            shape.latent_w as i64,
+        ];
+        let slot_list: Vec<&ResidualSlot> = names.collect();
+        let mut sums: Vec<Vec<f32>> = Vec::new();
+        for unit in active {
+            let net = unit.net;
+            let err = |source| EngineError::Inference {
+                stage: CONTROLNET,
+                source,
+            };
+            let sample =
+                tensor::float_value(net.sample.elem, &sample_shape, sample_data).map_err(err)?;
+            let timestep = timestep_value(&net.timestep, t, cn_rows).map_err(err)?;
+            let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+                ("sample", sample.into()),
+                ("timestep", timestep.into()),
+                ("controlnet_cond", (&unit.cond).into()),
+            ];
+            for (name, value) in [
+                ("encoder_hidden_states", &unit.hidden),
+                ("text_embeds", &unit.pooled),
+                ("time_ids", &unit.time_ids),
+            ] {
+                if let Some(v) = value {
+                    inputs.push((name, v.into()));
+                }
+            }
+            let wanted: Vec<&str> = net
+                .down_outputs
+                .iter()
+                .map(String::as_str)
+                .chain([NET_MID])
+                .collect();
+            let result = net.component.run(CONTROLNET, inputs, &wanted)?;
+            let scales = if self.guess {
+                guess_scales(net.down_count(), unit.scale)
+            } else {
+                vec![unit.scale; net.down_count() + 1]
+            };
+            for (k, (out, slot)) in result.outputs.into_iter().zip(&slot_list).enumerate() {
+                let expected: usize = slot
+                    .shape(cn_rows, shape.latent_h, shape.latent_w)
+                    .iter()
+                    .product();
+                if out.data.len() != expected {
+                    return Err(EngineError::UnexpectedOutput {
+                        stage: CONTROLNET,
+                        message: format!(
+                            "{} values for `{}`, the UNet's `{}` needs {expected}",
+                            out.data.len(),
+                            wanted[k],
+                            slot.name
+                        ),
+                    });
+                }
+                if out.data.iter().any(|v| !v.is_finite()) {
+                    return Err(EngineError::NonFinite {
+                        stage: CONTROLNET,
+                        hint: String::new(),
+                    });
+                }
+                let scaled = out.data.iter().map(|&v| v * scales[k]);
+                match sums.get_mut(k) {
+                    Some(sum) => sum.iter_mut().zip(scaled).for_each(|(s, v)| *s += v),
+                    None => sums.push(scaled.collect()),
+                }
+            }
+        }
+        let mut inputs = Vec::with_capacity(slot_list.len());
+        for (slot, sum) in slot_list.iter().zip(sums) {
+            let dims = slot.shape(rows, shape.latent_h, shape.latent_w);
+            let data = if split {
+                let mut full = vec![0.0f32; dims.iter().product::<usize>() - sum.len()];
+                full.extend(sum);
+                full
+            } else {
+                sum
+            };
+            let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+            let value = tensor::float_value(slot.info.elem, &dims, &data).map_err(unet_err)?;
+            inputs.push((slot.name.as_str(), SessionInputValue::from(value)));
+        }
+        *spent += started.elapsed();
+        Ok(inputs)
+    }
+}
+
+fn unet_err(source: ort::Error) -> EngineError {
+    EngineError::Inference {
+        stage: "UNet",
+        source,
+    }
+}
