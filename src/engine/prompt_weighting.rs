@@ -421,17 +421,8 @@ fn encode_pair(
     }
     let pooled = b.pooled.ok_or_else(no_pooled)?;
     let width = a.width + b.width;
-    let mut hidden = Vec::with_capacity(seq_a * width);
-    for (row_a, row_b) in a
-        .hidden
-        .chunks_exact(a.width)
-        .zip(b.hidden.chunks_exact(b.width))
-    {
-        hidden.extend_from_slice(row_a);
-        hidden.extend_from_slice(row_b);
-    }
     Ok(Embedding {
-        hidden,
+        hidden: super::text::concat_hidden(&a.hidden, a.width, &b.hidden, b.width),
         pooled,
         seq: seq_a,
         width,

@@ -158,6 +158,17 @@ fn encode_texts(
         .collect())
 }
 
+/// The two encoders' hidden states `[seq, a_width]` and `[seq, b_width]` side by side:
+/// `[seq, a_width + b_width]`.
+pub(super) fn concat_hidden(a: &[f32], a_width: usize, b: &[f32], b_width: usize) -> Vec<f32> {
+    let mut hidden = Vec::with_capacity(a.len() + b.len());
+    for (row_a, row_b) in a.chunks_exact(a_width).zip(b.chunks_exact(b_width)) {
+        hidden.extend_from_slice(row_a);
+        hidden.extend_from_slice(row_b);
+    }
+    hidden
+}
+
 /// Encode each pair's first text with the first encoder and its second text with the second,
 /// concatenated; every encoder runs once for all the pairs.
 fn encode_pairs(
@@ -208,21 +219,11 @@ fn encode_pairs(
             });
         }
         let pooled = b.pooled.ok_or_else(no_pooled)?;
-        let width = a.width + b.width;
-        let mut hidden = Vec::with_capacity(a.seq * width);
-        for (row_a, row_b) in a
-            .hidden
-            .chunks_exact(a.width)
-            .zip(b.hidden.chunks_exact(b.width))
-        {
-            hidden.extend_from_slice(row_a);
-            hidden.extend_from_slice(row_b);
-        }
         out.push(Embedding {
-            hidden,
+            hidden: concat_hidden(&a.hidden, a.width, &b.hidden, b.width),
             pooled,
             seq: a.seq,
-            width,
+            width: a.width + b.width,
         });
     }
     Ok(out)
