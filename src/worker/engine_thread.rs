@@ -491,11 +491,12 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::engine::Device;
 
-    fn request() -> GenerateRequest {
+    /// A small text-to-image request (64x64, 2 steps) for the engine thread's tests.
+    pub(in crate::worker) fn request() -> GenerateRequest {
         GenerateRequest {
             prompt: "a red fox".to_owned(),
             prompt_2: None,
@@ -602,6 +603,17 @@ mod tests {
         }
     }
 
+    /// An engine thread with the tests' options and a model memory budget of `budget` bytes.
+    fn spawn_with_budget(budget: u64) -> EngineThread {
+        EngineThread::spawn(
+            options(),
+            budget,
+            ControlNetPaths::default(),
+            Batching::default(),
+        )
+        .unwrap()
+    }
+
     fn options() -> EngineOptions {
         EngineOptions {
             intra_threads: Some(1),
@@ -622,13 +634,7 @@ mod tests {
         ];
 
         // Room for both: each is loaded once.
-        let thread = EngineThread::spawn(
-            options(),
-            1 << 30,
-            ControlNetPaths::default(),
-            Batching::default(),
-        )
-        .unwrap();
+        let thread = spawn_with_budget(1 << 30);
         let mut loads = Vec::new();
         let mut images = Vec::new();
         for (name, path) in &plan {
@@ -642,13 +648,7 @@ mod tests {
         thread.shutdown().await;
 
         // A budget of one model: every switch loads again.
-        let thread = EngineThread::spawn(
-            options(),
-            0,
-            ControlNetPaths::default(),
-            Batching::default(),
-        )
-        .unwrap();
+        let thread = spawn_with_budget(0);
         let mut loads = Vec::new();
         for (name, path) in &plan {
             let run = thread.submit(model_job(name, path)).await.expect("runs");
@@ -663,13 +663,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny");
         copy_dir(&tiny_model(), &model);
-        let thread = EngineThread::spawn(
-            options(),
-            1 << 30,
-            ControlNetPaths::default(),
-            Batching::default(),
-        )
-        .unwrap();
+        let thread = spawn_with_budget(1 << 30);
         let first = thread.submit(model_job("m", &model)).await.expect("runs");
         let again = thread.submit(model_job("m", &model)).await.expect("runs");
         assert!(first.model_load.is_some());
