@@ -223,8 +223,7 @@ impl Engine {
             combined.latent_h as i64,
             combined.latent_w as i64,
         ];
-        let mut runner =
-            UnetRunner::new(self, constants.conditioning(&control), sample_shape, false)?;
+        let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
         let mut model_input = vec![0.0f32; rows * per_image];
         let mut guided = vec![0.0f32; combined.images * per_image];
         let mut left = Vec::new();

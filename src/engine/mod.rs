@@ -74,6 +74,8 @@ pub struct Engine {
     vae_encoder: img2img::LazyVaeEncoder,
     /// Static-shape UNet sessions for CUDA graphs, loaded on first use of each shape.
     graph_unets: unet::GraphSessions,
+    /// ControlNet residual mixers, by the ControlNets and element types they combine.
+    mixers: controlnet::Mixers,
 }
 
 /// Where an engine runs its ONNX Runtime sessions.

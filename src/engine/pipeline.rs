@@ -74,6 +74,7 @@ impl Engine {
             options: options.clone(),
             vae_encoder: Default::default(),
             graph_unets: Default::default(),
+            mixers: Default::default(),
         })
     }
 
@@ -399,22 +400,26 @@ impl Engine {
         ];
         let mut model_input = vec![0.0f32; rows * shape.per_image()];
         let mut guided = vec![0.0f32; per_batch];
-        let mut runner = UnetRunner::new(
-            self,
-            constants.conditioning(&control),
-            sample_shape,
-            state.control.is_some(),
-        )?;
+        let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
+        // With the UNet's inputs on the device, the ControlNets run there too.
+        let mut on_device = match runner.device_id() {
+            Some(id) if control.has_units() => {
+                Some(control.bind_device(id, &self.mixers, self.session_options())?)
+            }
+            _ => None,
+        };
         for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let step_started = Instant::now();
             fill_block(scheduler, latents, i, shape.guidance, &mut model_input);
-            let residuals = control.step(
-                i,
-                timesteps.len(),
-                &model_input,
-                t,
-                &mut state.timings.controlnet,
-            )?;
+            let spent = &mut state.timings.controlnet;
+            let residuals = match on_device.as_mut() {
+                Some(device) => {
+                    let buffers = runner.residual_buffers();
+                    device.step(i, timesteps.len(), &model_input, t, buffers, spent)?;
+                    Vec::new()
+                }
+                None => control.step(i, timesteps.len(), &model_input, t, spent)?,
+            };
             let result = runner.step(&model_input, t, residuals)?;
             let out = result.out;
             if out.len() != rows * shape.per_image() {

@@ -13,6 +13,7 @@ use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 
 use super::cuda::CudaOptions;
@@ -133,6 +134,36 @@ pub fn load_session_with_dims(
     options: &SessionOptions,
     dims: &[(&str, i64)],
 ) -> Result<Session, EngineError> {
+    session_builder(path, options, dims)?
+        .commit_from_file(path)
+        .map_err(|source| EngineError::SessionLoad {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Build a session for a graph made in memory with ONNX Runtime's model editor; `label` names
+/// it in errors (it has no file).
+pub fn session_from_model(
+    model: ort::editor::Model,
+    label: &Path,
+    options: &SessionOptions,
+) -> Result<Session, EngineError> {
+    let builder = session_builder(label, options, &[])?;
+    model
+        .into_session(&builder)
+        .map_err(|source| EngineError::SessionLoad {
+            path: label.to_path_buf(),
+            source,
+        })
+}
+
+/// Session options with the execution provider of `options.device` registered.
+fn session_builder(
+    path: &Path,
+    options: &SessionOptions,
+    dims: &[(&str, i64)],
+) -> Result<SessionBuilder, EngineError> {
     let env = environment()?;
     let runtime_err = |context: &str| {
         let context = format!("{context} for {}", path.display());
@@ -179,12 +210,7 @@ pub fn load_session_with_dims(
             })?;
         }
     }
-    builder
-        .commit_from_file(path)
-        .map_err(|source| EngineError::SessionLoad {
-            path: path.to_path_buf(),
-            source,
-        })
+    Ok(builder)
 }
 
 #[cfg(test)]

@@ -117,6 +117,19 @@ impl Component {
         })
     }
 
+    /// Wrap a session built elsewhere (a graph made in memory); `label` stands in for its path
+    /// in errors.
+    pub fn from_session(label: PathBuf, session: Session) -> Self {
+        let inputs = collect(session.inputs());
+        let outputs = collect(session.outputs());
+        Self {
+            path: label,
+            session: Mutex::new(session),
+            inputs,
+            outputs,
+        }
+    }
+
     /// The graph file.
     pub fn path(&self) -> &Path {
         &self.path

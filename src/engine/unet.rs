@@ -1,10 +1,12 @@
 //! One UNet evaluation per denoising step, in one of two ways:
 //!
-//! - **Host**: every step hands ONNX Runtime host tensors (the CPU provider, ControlNet runs, or
-//!   CUDA with [`CudaOptions::io_binding`](super::cuda::CudaOptions) off).
+//! - **Host**: every step hands ONNX Runtime host tensors (the CPU provider, or CUDA with
+//!   [`CudaOptions::io_binding`](super::cuda::CudaOptions) off).
 //! - **Device**: on CUDA, the step's inputs live in device buffers bound once to the session.
 //!   The text conditioning is copied to the device once per run; each step copies only the
-//!   latent batch and the timestep in and the prediction out. With CUDA graphs on, the buffers
+//!   latent batch and the timestep in and the prediction out. A residual UNet's ControlNet
+//!   inputs are device buffers too, written in place by the ControlNet side
+//!   ([`residual_buffers`](UnetRunner::residual_buffers)). With CUDA graphs on, the buffers
 //!   belong to a static-shape UNet session per (batch, height, width, sequence) kept by the
 //!   engine, because a captured graph replays against the addresses it was captured with.
 //!
@@ -114,9 +116,11 @@ pub(super) struct UnetRunner<'e> {
     sample_shape: [i64; 4],
     rows: usize,
     mode: Mode<'e>,
+    /// The device the bound buffers live on (negative: the CPU); `None` on the host path.
+    device_id: Option<i32>,
 }
 
-fn device_info(device_id: i32) -> ort::Result<MemoryInfo<'static>> {
+pub(crate) fn device_info(device_id: i32) -> ort::Result<MemoryInfo<'static>> {
     // A negative id stands for the CPU (see `EngineOptions::bind_io_on_cpu`).
     if device_id < 0 {
         return MemoryInfo::new(
@@ -135,7 +139,7 @@ fn device_info(device_id: i32) -> ort::Result<MemoryInfo<'static>> {
 }
 
 /// Copy a host value into a device buffer of the same type and shape.
-fn upload(host: &DynValue, device: &mut DynTensor) -> ort::Result<()> {
+pub(crate) fn upload(host: &DynValue, device: &mut DynTensor) -> ort::Result<()> {
     let host = host.view().downcast::<DynTensorValueType>()?;
     host.copy_into(device)
 }
@@ -239,21 +243,17 @@ impl Bound {
 
 impl<'e> UnetRunner<'e> {
     /// Set up the UNet for a run of `rows` batch rows of latents `[channels, h, w]`.
-    /// `host_only` forces the host path (ControlNet residuals are passed as host inputs).
     pub(super) fn new(
         engine: &'e Engine,
         conditioning: UnetConditioning<'e>,
         sample_shape: [i64; 4],
-        host_only: bool,
     ) -> Result<Self, EngineError> {
         let unet = &engine.model.unet;
         let rows = sample_shape[0] as usize;
         let cuda = engine.options.cuda;
         let device_id = match engine.options.device {
-            Device::Cuda { index } if cuda.io_binding && !host_only => {
-                i32::try_from(index).unwrap_or(0)
-            }
-            Device::Cpu if engine.options.bind_io_on_cpu && !host_only => -1,
+            Device::Cuda { index } if cuda.io_binding => i32::try_from(index).unwrap_or(0),
+            Device::Cpu if engine.options.bind_io_on_cpu => -1,
             _ => {
                 return Ok(Self {
                     unet,
@@ -261,6 +261,7 @@ impl<'e> UnetRunner<'e> {
                     sample_shape,
                     rows,
                     mode: Mode::Host,
+                    device_id: None,
                 })
             }
         };
@@ -310,6 +311,7 @@ impl<'e> UnetRunner<'e> {
             sample_shape,
             rows,
             mode,
+            device_id: Some(device_id),
         };
         runner.upload_conditioning()?;
         Ok(runner)
@@ -329,9 +331,31 @@ impl<'e> UnetRunner<'e> {
         }
     }
 
+    /// The device the UNet's inputs are bound on (negative: the CPU), or `None` on the host
+    /// path.
+    pub(super) fn device_id(&self) -> Option<i32> {
+        self.device_id
+    }
+
+    /// The bound ControlNet residual inputs of a residual UNet, in slot order (down residuals,
+    /// then mid); empty on the host path. What is written here is what the next step reads.
+    pub(super) fn residual_buffers(&mut self) -> &mut [DynTensor] {
+        match &mut self.mode {
+            Mode::Host => &mut [],
+            Mode::Device(bound) => &mut bound.constants,
+            Mode::Graph(guard) => {
+                &mut guard
+                    .last_mut()
+                    .expect("the graph session in use is the last one")
+                    .bound
+                    .constants
+            }
+        }
+    }
+
     /// Evaluate the UNet on `model_input` (the scaled latent batch) at timestep `t`, with any
-    /// extra host inputs (ControlNet residuals). On the device path, `extra` is ignored: it
-    /// only runs without ControlNets, where the residual inputs are the bound constants.
+    /// extra host inputs (ControlNet residuals). On the device path, `extra` is ignored: the
+    /// residual inputs are the bound buffers (see [`Self::residual_buffers`]).
     pub(super) fn step(
         &mut self,
         model_input: &[f32],
@@ -411,12 +435,22 @@ impl Engine {
             Device::Cpu => -1,
         };
         let unet = &self.model.unet;
-        let dims = [
-            ("batch_size", shape.rows as i64),
-            ("height", shape.latent_h as i64),
-            ("width", shape.latent_w as i64),
-            ("sequence_length", shape.seq as i64),
+        let mut dims: Vec<(String, i64)> = vec![
+            ("batch_size".to_owned(), shape.rows as i64),
+            ("height".to_owned(), shape.latent_h as i64),
+            ("width".to_owned(), shape.latent_w as i64),
+            ("sequence_length".to_owned(), shape.seq as i64),
         ];
+        // A residual UNet's ControlNet inputs have their own named spatial axes (as
+        // onnx/export_controlnet.py exports them).
+        if let Some(residuals) = &unet.residuals {
+            for slot in residuals.down.iter().chain(std::iter::once(&residuals.mid)) {
+                let [_, _, h, w] = slot.shape(shape.rows, shape.latent_h, shape.latent_w);
+                dims.push((format!("{}_height", slot.name), h as i64));
+                dims.push((format!("{}_width", slot.name), w as i64));
+            }
+        }
+        let dims: Vec<(&str, i64)> = dims.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let mut options = self.session_options();
         options.graph_capture = device_id >= 0;
         let started = Instant::now();

@@ -25,8 +25,11 @@ use super::runtime::SessionOptions;
 use super::session::{Component, TensorInfo};
 use super::{EngineError, EngineOptions};
 
+mod device;
+mod mixer;
 mod run;
 
+pub(crate) use mixer::Mixers;
 pub(crate) use run::ControlRun;
 
 /// The UNet graph that takes ControlNet residuals, next to `unet/model.onnx`.

@@ -16,25 +16,27 @@ use crate::engine::text::{Conditioning, Embedding};
 use crate::engine::unet_inputs::{time_ids, timestep_value};
 use crate::engine::{tensor, EngineError, GenerateRequest};
 
-struct PreparedUnit<'a> {
-    net: &'a ControlNet,
-    cond: DynValue,
-    hidden: Option<DynValue>,
-    pooled: Option<DynValue>,
-    time_ids: Option<DynValue>,
-    scale: f32,
-    start: f64,
-    end: f64,
+/// One ControlNet's inputs for a run, prepared on the host.
+pub(super) struct PreparedUnit<'a> {
+    pub(super) net: &'a ControlNet,
+    pub(super) cond: DynValue,
+    pub(super) hidden: Option<DynValue>,
+    pub(super) pooled: Option<DynValue>,
+    pub(super) time_ids: Option<DynValue>,
+    pub(super) scale: f32,
+    pub(super) start: f64,
+    pub(super) end: f64,
 }
 
 /// The ControlNet part of one run: prepared inputs and the residuals fed to the UNet each step.
 pub(crate) struct ControlRun<'a> {
     slots: Option<&'a UnetResiduals>,
-    units: Vec<PreparedUnit<'a>>,
-    guess: bool,
-    guidance: bool,
-    shape: RunShape,
-    zeros: Vec<DynValue>,
+    pub(super) units: Vec<PreparedUnit<'a>>,
+    pub(super) guess: bool,
+    pub(super) guidance: bool,
+    pub(super) shape: RunShape,
+    /// Zero residuals, one per UNet residual input (none for a plain UNet).
+    pub(super) zeros: Vec<DynValue>,
 }
 
 impl<'a> ControlRun<'a> {
@@ -151,6 +153,38 @@ impl<'a> ControlRun<'a> {
             .collect()
     }
 
+    /// Whether any ControlNet takes part in this run.
+    pub(crate) fn has_units(&self) -> bool {
+        !self.units.is_empty()
+    }
+
+    /// The batch rows a ControlNet runs on: the positive rows only in guess mode under
+    /// guidance, otherwise the UNet's rows.
+    pub(super) fn control_rows(&self) -> usize {
+        if self.guess && self.guidance {
+            self.shape.images
+        } else {
+            self.shape.unet_rows()
+        }
+    }
+
+    /// The UNet's residual inputs, down residuals first, then the mid one.
+    pub(super) fn slot_list(&self) -> Vec<&'a ResidualSlot> {
+        self.slots
+            .map(|s| s.down.iter().chain(std::iter::once(&s.mid)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The factor for each of `unit`'s residuals, shallow to deep.
+    pub(super) fn unit_scales(&self, unit: &PreparedUnit<'_>) -> Vec<f32> {
+        let count = unit.net.down_count();
+        if self.guess {
+            guess_scales(count, unit.scale)
+        } else {
+            vec![unit.scale; count + 1]
+        }
+    }
+
     /// The residual inputs for step `i` of `total` (none for a plain UNet). `model_input` is the
     /// UNet's scaled batch. ControlNet time is added to `spent`.
     pub(crate) fn step(
@@ -161,17 +195,18 @@ impl<'a> ControlRun<'a> {
         t: f64,
         spent: &mut Duration,
     ) -> Result<Vec<(&'a str, SessionInputValue<'_>)>, EngineError> {
-        let Some(slots) = self.slots else {
+        if self.slots.is_none() {
             return Ok(Vec::new());
-        };
-        let names = slots.down.iter().chain(std::iter::once(&slots.mid));
+        }
         let active: Vec<&PreparedUnit<'a>> = self
             .units
             .iter()
             .filter(|u| u.scale != 0.0 && keeps(i, total, u.start, u.end))
             .collect();
+        let slot_list = self.slot_list();
         if active.is_empty() {
-            return Ok(names
+            return Ok(slot_list
+                .iter()
                 .zip(&self.zeros)
                 .map(|(s, z)| (s.name.as_str(), z.into()))
                 .collect());
@@ -180,7 +215,7 @@ impl<'a> ControlRun<'a> {
         let shape = self.shape;
         let rows = shape.unet_rows();
         let split = self.guess && self.guidance;
-        let cn_rows = if split { shape.images } else { rows };
+        let cn_rows = self.control_rows();
         let sample_data = &model_input[..cn_rows * shape.per_image()];
         let sample_shape = [
             cn_rows as i64,
@@ -188,7 +223,6 @@ impl<'a> ControlRun<'a> {
             shape.latent_h as i64,
             shape.latent_w as i64,
         ];
-        let slot_list: Vec<&ResidualSlot> = names.collect();
         let mut sums: Vec<Vec<f32>> = Vec::new();
         for unit in active {
             let net = unit.net;
@@ -220,11 +254,7 @@ impl<'a> ControlRun<'a> {
                 .chain([NET_MID])
                 .collect();
             let result = net.component.run(CONTROLNET, inputs, &wanted)?;
-            let scales = if self.guess {
-                guess_scales(net.down_count(), unit.scale)
-            } else {
-                vec![unit.scale; net.down_count() + 1]
-            };
+            let scales = self.unit_scales(unit);
             for (k, (out, slot)) in result.outputs.into_iter().zip(&slot_list).enumerate() {
                 let expected: usize = slot
                     .shape(cn_rows, shape.latent_h, shape.latent_w)
