@@ -2,6 +2,8 @@
 
     # a diffusers ControlNetModel (hub id or local directory) to controlnet/model.onnx
     python onnx/export_controlnet.py --model diffusers/controlnet-canny-sdxl-1.0 --output models/controlnet-canny
+    # the same, fused and in float16 for the CUDA execution provider (optimize_sdxl.py)
+    python onnx/export_controlnet.py --model diffusers/controlnet-canny-sdxl-1.0 --output models/controlnet-canny --optimize
 
     # add unet/model_controlnet.onnx to an SDXL export made by export_sdxl.py
     python onnx/export_controlnet.py --unet-of stabilityai/stable-diffusion-xl-base-1.0 --output models/sdxl-base
@@ -20,11 +22,14 @@ The UNet variant `unet/model_controlnet.onnx` has the inputs of `unet/model.onnx
 `down_block_additional_residual_0 .. _{N-1}` (the shapes of the ControlNet's down outputs) and
 `mid_block_additional_residual`, added where diffusers adds them. It stores no weights of its
 own: its initializers point into the plain UNet's `model.onnx_data` (matched by content), so the
-directory holds one copy of the weights and either graph can be loaded.
+directory holds one copy of the weights and either graph can be loaded. The fused float16
+export (`export_sdxl.py --optimize --controlnet-unet`) keeps the variant's fused weights in
+`unet/model_controlnet.onnx_data`; the engine then loads only the variant.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -297,7 +302,15 @@ def parse_args(argv):
     p.add_argument("--text-embeds-dim", type=int, default=1280, help="pooled text embedding width (1280 for SDXL)")
     p.add_argument("--vae-scale-factor", type=int, default=8)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="with --model: fuse with onnxruntime.transformers and convert to float16 (CUDA only)",
+    )
+    args = p.parse_args(argv)
+    if args.optimize and not args.model:
+        p.error("--optimize applies to --model (a fused UNet variant comes from export_sdxl.py --optimize --controlnet-unet)")
+    return args
 
 
 def main(argv=None):
@@ -309,7 +322,19 @@ def main(argv=None):
         controlnet = ControlNetModel.from_pretrained(args.model, torch_dtype=torch.float32)
         if os.path.exists(out):
             shutil.rmtree(out)
-        export_controlnet(controlnet, out, args.text_embeds_dim, args.vae_scale_factor, args.opset)
+        if not args.optimize:
+            export_controlnet(controlnet, out, args.text_embeds_dim, args.vae_scale_factor, args.opset)
+            return 0
+        from optimize_sdxl import optimize_controlnet
+
+        staging = tempfile.mkdtemp(prefix="controlnet-fp32-", dir=os.path.dirname(out))
+        try:
+            export_controlnet(controlnet, staging, args.text_embeds_dim, args.vae_scale_factor, args.opset)
+            del controlnet
+            report = optimize_controlnet(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(json.dumps(report, indent=2, sort_keys=True))
         return 0
     from diffusers import UNet2DConditionModel
 

@@ -118,10 +118,10 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, opset, 
         save_model(model, path, external)
 
 
-def save_model(model, path, external=None):
-    """Save `model` to `path`, with weights in `model.onnx_data` beside it when large (or
-    always with `external=True`)."""
-    for stale in (path, os.path.join(os.path.dirname(path), EXTERNAL_DATA_NAME)):
+def save_model(model, path, external=None, data_name=EXTERNAL_DATA_NAME):
+    """Save `model` to `path`, with weights in `data_name` (`model.onnx_data`) beside it when
+    large (or always with `external=True`)."""
+    for stale in (path, os.path.join(os.path.dirname(path), data_name)):
         if os.path.exists(stale):
             os.remove(stale)
     if external is None:
@@ -132,7 +132,7 @@ def save_model(model, path, external=None):
         path,
         save_as_external_data=external,
         all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_NAME,
+        location=data_name,
         size_threshold=1024,
     )
 
@@ -311,7 +311,7 @@ def parse_args(argv):
     p.add_argument(
         "--controlnet-unet",
         action="store_true",
-        help="also write unet/model_controlnet.onnx, the UNet taking ControlNet residuals (fp32 only)",
+        help="also write unet/model_controlnet.onnx, the UNet taking ControlNet residuals",
     )
     p.add_argument(
         "--fp16-vae",
@@ -342,9 +342,6 @@ def main(argv=None):
     out = os.path.abspath(args.output)
     if os.path.exists(out):
         shutil.rmtree(out)
-    if args.controlnet_unet and args.optimize:
-        print("--controlnet-unet applies to the fp32 export only", file=sys.stderr)
-        return 2
     if not args.optimize:
         export_pipeline(pipe, out, args.opset, controlnet_unet=args.controlnet_unet)
         if args.verify:
@@ -357,7 +354,7 @@ def main(argv=None):
 
     staging = tempfile.mkdtemp(prefix="sdxl-fp32-", dir=os.path.dirname(out))
     try:
-        export_pipeline(pipe, staging, args.opset)
+        export_pipeline(pipe, staging, args.opset, controlnet_unet=args.controlnet_unet)
         if args.verify:
             from verify_export import verify_export
 

@@ -9,6 +9,12 @@ layout with every graph fused by `onnxruntime.transformers.optimizer` and conver
   CLIP attention pattern does not match the attention graph transformers 5 exports).
 - `vae_decoder`, `vae_encoder` (model type "vae"): fused but kept float32 unless asked
   otherwise, because the stock SDXL VAE overflows float16 (NaN, black images).
+- `unet/model_controlnet.onnx`, the UNet taking ControlNet residuals, when the export has it:
+  fused like the UNet, its weights in `unet/model_controlnet.onnx_data` (fusion rewrites the
+  weights, so the two graphs no longer share one file).
+
+`optimize_controlnet` does the same to a ControlNet export (`export_controlnet.py`): the
+ControlNet's down and mid blocks are the UNet's, so it takes the UNet fusions and float16.
 
 Two known traps are handled here. The float16 conversion must leave the `scales` input of every
 Resize node float32 (ONNX Runtime rejects a float16 one): this is checked, and repaired when a
@@ -27,6 +33,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export_sdxl import save_model
+
+UNET_VARIANT = "model_controlnet.onnx"
+UNET_VARIANT_DATA = "model_controlnet.onnx_data"
 
 COMPONENTS = {
     "text_encoder": "clip",
@@ -213,4 +222,37 @@ def optimize_export(src_dir, out_dir, fp16_vae=False, log=print):
             "fused_operators": counts,
             "resize_nodes": len(resize_scale_types(model.model)),
         }
+    variant = os.path.join(src_dir, "unet", UNET_VARIANT)
+    if os.path.exists(variant):
+        log("optimizing unet/model_controlnet.onnx (unet, float16)")
+        report["unet_controlnet"] = optimize_unet_variant(variant, os.path.join(out_dir, "unet"), log)
     return report
+
+
+def _fused_report(model):
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def optimize_unet_variant(src_path, dst_unet_dir, log=print):
+    """Fuse the residual UNet at `src_path` into `dst_unet_dir/model_controlnet.onnx` (float16,
+    weights in `model_controlnet.onnx_data`); returns fused operator counts."""
+    _check_numpy()
+    model = optimize_component(src_path, "unet", True, log=log)
+    os.makedirs(dst_unet_dir, exist_ok=True)
+    save_model(model.model, os.path.join(dst_unet_dir, UNET_VARIANT), external=True, data_name=UNET_VARIANT_DATA)
+    return {"float16": True, "fused_operators": _fused_report(model)}
+
+
+def optimize_controlnet(src_dir, dst_dir, log=print):
+    """Write the fused float16 export of the ControlNet export `src_dir` to `dst_dir` (replaced);
+    returns fused operator counts."""
+    _check_numpy()
+    model = optimize_component(os.path.join(src_dir, "model.onnx"), "unet", True, log=log)
+    if os.path.exists(dst_dir):
+        shutil.rmtree(dst_dir)
+    os.makedirs(dst_dir)
+    for entry in os.listdir(src_dir):
+        if entry.endswith(".json"):
+            shutil.copy2(os.path.join(src_dir, entry), os.path.join(dst_dir, entry))
+    save_model(model.model, os.path.join(dst_dir, "model.onnx"))
+    return {"float16": True, "fused_operators": _fused_report(model)}
