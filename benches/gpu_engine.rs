@@ -19,10 +19,13 @@
 //!   as one dynamic batch ([`Engine::generate_batch`]), as the worker runs compatible jobs.
 //! - `BENCH_STEPS` (default 30), `BENCH_SIZE` (default 1024), `BENCH_RUNS` (default 3).
 //! - `BENCH_OUT`: where to write the JSON report (default: stdout only).
+//! - `BENCH_CONTROLNET`: a ControlNet export directory (`onnx/export_controlnet.py`); each run
+//!   then applies it (as a canny ControlNet, conditioning scale 1, on a synthetic edge image)
+//!   to its one request. The model needs `unet/model_controlnet.onnx`.
 //!
-//! Under `cargo test` it runs two jobs of 2 steps as one batch on the tiny model on the CPU for
-//! each of `host_io`, `default` and `graph` (the latter two through device-bound buffers on the
-//! CPU), and fails if any of them fails.
+//! Under `cargo test` it runs, on the tiny model on the CPU for each of `host_io`, `default`
+//! and `graph` (the latter two through device-bound buffers on the CPU), two jobs of 2 steps as
+//! one batch and one request with the tiny canny ControlNet, and fails if any of them fails.
 //!
 //! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
 //! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, inside
@@ -36,6 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::Nvml;
+use sdxl_worker::engine::control_image::ControlImage;
+use sdxl_worker::engine::controlnet::{
+    ControlNetPaths, ControlNets, ControlRequest, ControlType, ControlUnit,
+};
 use sdxl_worker::engine::cuda::{AttentionKernel, ConvSearch, CudaOptions};
 use sdxl_worker::engine::{
     Device, Engine, EngineOptions, GenerateRequest, SchedulerKind, SchedulerOverrides, StageTimings,
@@ -151,11 +158,28 @@ fn jobs(base: &GenerateRequest, jobs: usize) -> Vec<GenerateRequest> {
         .collect()
 }
 
+/// A control image of `size`×`size`: white rings and spokes on black, like an edge map.
+fn edge_image(size: u32) -> ControlImage {
+    let c = f64::from(size) / 2.0;
+    let mut rgb = Vec::with_capacity((size * size * 3) as usize);
+    for y in 0..size {
+        for x in 0..size {
+            let (dx, dy) = (f64::from(x) - c, f64::from(y) - c);
+            let ring = (dx.hypot(dy) / (c / 6.0)).fract() < 0.04;
+            let spoke = (dy.atan2(dx).to_degrees() / 30.0).fract().abs() < 0.02;
+            let v = if ring || spoke { 255 } else { 0 };
+            rgb.extend([v, v, v]);
+        }
+    }
+    ControlImage::new(size, size, rgb).expect("a valid control image")
+}
+
 fn run_variant(
     model: &PathBuf,
     device: Device,
     spec: &str,
     requests: &[GenerateRequest],
+    controlnet: Option<&PathBuf>,
     runs: usize,
     nvml: Option<Arc<Nvml>>,
 ) -> Result<Value, String> {
@@ -182,10 +206,39 @@ fn run_variant(
     };
     let started = Instant::now();
     let engine = Engine::load(model, &options).map_err(|e| format!("load: {e}"))?;
+    let nets = match controlnet {
+        Some(dir) => {
+            if requests.len() != 1 {
+                return Err("BENCH_CONTROLNET runs one request at a time (BENCH_JOBS=1)".into());
+            }
+            let mut paths = ControlNetPaths::default();
+            paths.models.insert(ControlType::Canny, dir.clone());
+            Some(
+                ControlNets::load(&paths, engine.model(), &options)
+                    .map_err(|e| format!("ControlNet: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    let control = nets.as_ref().map(|nets| ControlRequest {
+        units: vec![ControlUnit {
+            net: nets.get(ControlType::Canny).expect("loaded above"),
+            image: edge_image(request.width.max(request.height)),
+            conditioning_scale: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+        }],
+        guess_mode: false,
+    });
     let load = started.elapsed();
     let go = || -> Result<(Duration, StageTimings), String> {
         let started = Instant::now();
-        let timings = if requests.len() == 1 {
+        let timings = if let Some(control) = &control {
+            engine
+                .generate_with_control(request, control, &mut |_| ControlFlow::Continue(()))
+                .map_err(|e| format!("generate_with_control: {e}"))?
+                .timings
+        } else if requests.len() == 1 {
             engine
                 .generate(request, &mut |_| ControlFlow::Continue(()))
                 .map_err(|e| format!("generate: {e}"))?
@@ -259,6 +312,8 @@ fn run_variant(
         "unet_step_session_run_ms": ms(median(steps_run)),
         "unet_step_copy_ms": ms(median(steps_copy)),
         "unet_step_host_ms": ms(median(steps_host)),
+        "controlnet": controlnet,
+        "controlnet_ms": ms(stage(|t| t.controlnet)),
         "text_encoding_ms": ms(stage(|t| t.text_encoding)),
         "denoising_ms": ms(stage(|t| t.denoising)),
         "vae_decode_ms": ms(vae),
@@ -316,19 +371,42 @@ fn main() {
     } else {
         env_or("BENCH_RUNS", 3usize).max(1)
     };
+    let controlnet = if smoke {
+        None
+    } else {
+        std::env::var_os("BENCH_CONTROLNET").map(PathBuf::from)
+    };
+    // The smoke run also takes each variant through a ControlNet run.
+    let smoke_controlnet =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-controlnet/canny");
+    let smoke_request = [request(1, 2, 64)];
     let nvml = sdxl_worker::worker::devices::nvml();
     let mut results = Vec::new();
     for spec in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let result = match run_variant(&model, device, spec, &requests, runs, nvml.clone()) {
-            Ok(v) => v,
-            Err(e) => json!({ "variant": spec, "error": e }),
-        };
-        println!("{result}");
-        if smoke && result.get("error").is_some() {
-            eprintln!("variant {spec} failed");
-            std::process::exit(1);
+        let mut cases = vec![(&requests[..], controlnet.as_ref())];
+        if smoke {
+            cases.push((&smoke_request[..], Some(&smoke_controlnet)));
         }
-        results.push(result);
+        for (requests, controlnet) in cases {
+            let result = match run_variant(
+                &model,
+                device,
+                spec,
+                requests,
+                controlnet,
+                runs,
+                nvml.clone(),
+            ) {
+                Ok(v) => v,
+                Err(e) => json!({ "variant": spec, "error": e }),
+            };
+            println!("{result}");
+            if smoke && result.get("error").is_some() {
+                eprintln!("variant {spec} failed");
+                std::process::exit(1);
+            }
+            results.push(result);
+        }
     }
     let report = json!({
         "model": model,

@@ -177,6 +177,32 @@ def main():
                     "met": per_batch[4] >= 1.10 * per_batch[1],
                 }
             )
+    # ControlNet at full size: diffusers' ControlNet pipeline against the engine with the fused
+    # float16 ControlNet and residual UNet (engine-controlnet.json), and each without ControlNet.
+    cn_torch = load(run_dir, "torch-controlnet.json")
+    cn_engine = ok(load(run_dir, "engine-controlnet.json"))
+    cn_off = ok(load(run_dir, "engine-controlnet-off.json"))
+    if cn_torch and cn_engine:
+        fastest = min(cn_engine, key=lambda r: r["run_s"])
+        torch_cn = cn_torch["pipeline_1_controlnet"]["median_s"]
+        torch_plain = cn_torch["pipeline_1"]["median_s"]
+        entry = {
+            "engine_variant": fastest["variant"],
+            "engine_s": fastest["run_s"],
+            "engine_step_ms": fastest["unet_step_ms"],
+            "engine_controlnet_ms_per_run": fastest["controlnet_ms"],
+            "diffusers_eager_s": torch_cn,
+            "speedup": torch_cn / fastest["run_s"],
+            "diffusers_eager_controlnet_and_unet_step_b2_ms": cn_torch["controlnet_step_b2"]["controlnet_and_unet"]["median_ms"],
+            "diffusers_eager_without_controlnet_s": torch_plain,
+            "diffusers_controlnet_cost": torch_cn / torch_plain,
+            "by_variant_s": {r["variant"]: r["run_s"] for r in cn_engine},
+        }
+        if cn_off:
+            off = min(cn_off, key=lambda r: r["run_s"])
+            entry["engine_without_controlnet_s"] = off["run_s"]
+            entry["engine_controlnet_cost"] = fastest["run_s"] / off["run_s"]
+        targets["controlnet_engine_vs_diffusers_eager"] = entry
     # What limits the targets this run missed, written after reading its numbers.
     notes = load(run_dir, "notes.json")
     report = {
@@ -192,6 +218,10 @@ def main():
         "engine_jobs4": jobs4,
         "worker_e2e": workers,
         "engine_b1_tf32_off": tf32_off,
+        "torch_controlnet": cn_torch,
+        "optimize_controlnet": load(run_dir, "optimize-cn.json"),
+        "engine_controlnet": load(run_dir, "engine-controlnet.json"),
+        "engine_controlnet_off": load(run_dir, "engine-controlnet-off.json"),
         "onnxruntime_python_probe": probe,
         "targets": targets,
         "default_variant": default["variant"] if default else None,

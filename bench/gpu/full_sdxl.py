@@ -115,3 +115,16 @@ def build(device="cuda", seed=SEED):
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
         add_watermarker=False,
     )
+
+
+def build_controlnet(unet, seed=SEED + 1):
+    """A full-size SDXL ControlNet for `unet` (the layout of diffusers/controlnet-canny-sdxl-1.0:
+    the UNet's down and mid blocks plus a conditioning embedding), on the UNet's device, with its
+    weights drawn from the seeded generator. `ControlNetModel.from_unet` alone would copy the
+    UNet's weights and leave the residual convolutions zero, so every residual would be zero."""
+    from diffusers import ControlNetModel
+
+    with torch.device(unet.device):
+        controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    _reinit(controlnet, torch.Generator(device=unet.device).manual_seed(seed))
+    return controlnet.eval()

@@ -25,9 +25,21 @@
 #                                   part of the services
 #   bench/gpu/run.sh worker         [carry .gpu-stage/wbin] start Postgres and RabbitMQ, run the
 #                                   worker end to end (bench/gpu/worker_e2e.py)
+# ControlNet at full size (its own sequence of calls, after stage):
+#   bench/gpu/run.sh cn-torch       [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager with
+#                                   and without a full-size ControlNet (bench/gpu/controlnet_bench.py),
+#                                   then the ControlNet's float32 ONNX export
+#   bench/gpu/run.sh cn-export      the float32 ONNX export of SDXL with the residual UNet
+#   bench/gpu/run.sh cn-optimize    [carry .gpu-stage/ort.01] fuse the residual UNet, the
+#                                   ControlNet and the text encoders to float16 (fused-cn, cn-fused)
+#   bench/gpu/run.sh part NN        as above, for each further part
+#   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
+#                                   same model without it
+#   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] the CPU test suite's parity and
+#                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-export|cn-optimize|cn-engine|gpu-tests}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -39,6 +51,17 @@ stash_part() {
   mkdir -p "$work/stage"
   cp ".gpu-stage/ort.$1" "$work/stage/"
   ls -la "$work/stage"
+}
+
+unpack_ort() {
+  whl="$work/stage/ort.whl"
+  if [ ! -f "$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version" ]; then
+    cat "$work"/stage/ort.[0-9]* > "$whl"
+    echo "$(cat .gpu-stage/bin/ort.sha256)  $whl" | sha256sum -c -
+    rm -rf "$work/ortx" && mkdir -p "$work/ortx"
+    python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
+  fi
+  export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
 }
 
 python_env() {
@@ -73,6 +96,14 @@ case "$cmd" in
     bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/deps/gpu_engine-* | grep -v '\.d$' | head -1)
     strip -o .gpu-stage/bin/gpu_engine "$bin"
     xz -T0 -6 -f .gpu-stage/bin/gpu_engine
+    # The tests worth running on the GPU: parity with diffusers and the device-binding paths.
+    rm -rf .gpu-stage/tbin && mkdir -p .gpu-stage/tbin
+    echo "$root" > .gpu-stage/tbin/root
+    for t in parity engine_binding controlnet_parity; do
+      cargo test --test "$t" --no-run 2>&1 | tail -1
+      bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/deps/"$t"-* | grep -v '\.d$' | head -1)
+      strip -o ".gpu-stage/tbin/$t" "$bin" && xz -T0 -6 -f ".gpu-stage/tbin/$t"
+    done
     mkdir -p .gpu-stage/wbin
     strip -o .gpu-stage/wbin/sdxl-worker "${CARGO_TARGET_DIR:-target}"/debug/sdxl-worker
     xz -T0 -6 -f .gpu-stage/wbin/sdxl-worker
@@ -109,13 +140,9 @@ case "$cmd" in
       | tee "$work/optimize-rest.json"
     ;;
   engine)
-    whl="$work/stage/ort.whl"
-    cat "$work"/stage/ort.[0-9]* > "$whl"
-    echo "$(cat .gpu-stage/bin/ort.sha256)  $whl" | sha256sum -c -
-    rm -rf "$work/ortx" && mkdir -p "$work/ortx"
-    python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
+    rm -rf "$work/ortx"
+    unpack_ort
     xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
-    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
     cp "$work"/*.json "$out/" 2>/dev/null || true
     # ONNX Runtime's own Python API on the same fused UNet, its default CUDA settings.
     rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
@@ -149,6 +176,59 @@ print(lines)" "$out/ort-python-probe.json" || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b4.json" BENCH_IMAGES=4 BENCH_RUNS=2 \
       BENCH_VARIANTS="${BENCH_VARIANTS:-default}" "$work/gpu_engine" --bench
     cp "$out/engine-b4.json" "$work/"
+    ;;
+  cn-torch)
+    mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
+    stash_part 00
+    python_env
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv"
+    python3 bench/gpu/controlnet_bench.py --out "$out" --export-controlnet "$work/cn-fp32" \
+      2>&1 | grep -v Warning || true
+    cp "$out/torch-controlnet.json" "$work/"
+    du -sh "$work/cn-fp32"
+    ;;
+  cn-export)
+    python_env
+    python3 bench/gpu/controlnet_bench.py --export "$work/fp32" 2>&1 | grep -v Warning
+    du -sh "$work/fp32/unet"
+    ;;
+  cn-optimize)
+    stash_part 01
+    python_env
+    python3 bench/gpu/optimize_unet.py --controlnet "$work/fp32" "$work/fused-cn" \
+      "$work/cn-fp32" "$work/cn-fused" 2>&1 | tee "$out/optimize-cn.log"
+    tail -1 "$out/optimize-cn.log" > "$work/optimize-cn.json"
+    du -shL "$work/fused-cn/unet" "$work/cn-fused"
+    ;;
+  cn-engine)
+    unpack_ort
+    xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
+    cp "$work"/*.json "$out/" 2>/dev/null || true
+    BENCH_MODEL="$work/fused-cn" BENCH_CONTROLNET="$work/cn-fused" \
+      BENCH_OUT="$out/engine-controlnet.json" \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-host_io+tf32,tf32,graph+tf32}" "$work/gpu_engine" --bench
+    cp "$out/engine-controlnet.json" "$work/"
+    BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off.json" \
+      BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32}" "$work/gpu_engine" --bench
+    cp "$out/engine-controlnet-off.json" "$work/"
+    ;;
+  gpu-tests)
+    unpack_ort
+    # The test binaries find the fixtures under the repository they were built in.
+    built_in="$(cat .gpu-stage/tbin/root)"
+    if [ "$built_in" != "$root" ]; then
+      mkdir -p "$(dirname "$built_in")" && rm -rf "$built_in" && ln -s "$root" "$built_in"
+    fi
+    status=0
+    for t in .gpu-stage/tbin/*.xz; do
+      name=$(basename "$t" .xz)
+      xz -dc "$t" > "$work/$name" && chmod +x "$work/$name"
+      echo "== $name"
+      SDXL_TEST_DEVICE=cuda:0 "$work/$name" --test-threads 1 2>&1 | tail -40 | tee "$out/test-$name.log" \
+        || status=1
+      grep -q "test result: ok" "$out/test-$name.log" || status=1
+    done
+    exit $status
     ;;
   svc)
     BENCH_WORK="$work" bench/gpu/services.sh stash "${2:?part number}"
