@@ -30,16 +30,19 @@
 #                                   and without a full-size ControlNet (bench/gpu/controlnet_bench.py),
 #                                   then the ControlNet's float32 ONNX export
 #   bench/gpu/run.sh cn-export      the float32 ONNX export of SDXL with the residual UNet
-#   bench/gpu/run.sh cn-optimize    [carry .gpu-stage/ort.01] fuse the residual UNet, the
-#                                   ControlNet and the text encoders to float16 (fused-cn, cn-fused)
+#   bench/gpu/run.sh cn-optimize    [carry .gpu-stage/ort.01] start fusing the residual UNet,
+#                                   the ControlNet and the text encoders to float16 (fused-cn,
+#                                   cn-fused) in the background: about 13 minutes
+#   bench/gpu/run.sh wait cn-optimize  follow it (up to 9.5 minutes per call; exit 3: not done)
 #   bench/gpu/run.sh part NN        as above, for each further part
 #   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
 #                                   same model without it
-#   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] the CPU test suite's parity and
+#   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] (once the ONNX Runtime parts are
+#                                   stored) the CPU test suite's parity and
 #                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-export|cn-optimize|cn-engine|gpu-tests}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-export|cn-optimize|wait NAME|cn-engine|gpu-tests}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -57,11 +60,22 @@ unpack_ort() {
   whl="$work/stage/ort.whl"
   if [ ! -f "$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version" ]; then
     cat "$work"/stage/ort.[0-9]* > "$whl"
-    echo "$(cat .gpu-stage/bin/ort.sha256)  $whl" | sha256sum -c -
+    # The checksum travels with the engine binary (bin) and with the test binaries (tbin).
+    sum=$(cat .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/ort.sha256 2>/dev/null | head -1)
+    echo "$sum  $whl" | sha256sum -c -
     rm -rf "$work/ortx" && mkdir -p "$work/ortx"
     python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
   fi
   export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+}
+
+# Run a command in its own process session (it outlives the call); `wait NAME` follows it.
+detach() {
+  local name="$1"; shift
+  rm -f "$work/$name.rc"
+  setsid nohup bash -c "$(printf '%q ' "$@"); echo \$? > '$work/$name.rc'" \
+    > "$work/$name.log" 2>&1 < /dev/null &
+  echo "started $name (pid $!); follow it with: bench/gpu/run.sh wait $name"
 }
 
 python_env() {
@@ -104,6 +118,7 @@ case "$cmd" in
       bin=$(ls -t "${CARGO_TARGET_DIR:-target}"/debug/deps/"$t"-* | grep -v '\.d$' | head -1)
       strip -o ".gpu-stage/tbin/$t" "$bin" && xz -T0 -6 -f ".gpu-stage/tbin/$t"
     done
+    cp .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/
     mkdir -p .gpu-stage/wbin
     strip -o .gpu-stage/wbin/sdxl-worker "${CARGO_TARGET_DIR:-target}"/debug/sdxl-worker
     xz -T0 -6 -f .gpu-stage/wbin/sdxl-worker
@@ -193,12 +208,26 @@ print(lines)" "$out/ort-python-probe.json" || true
     du -sh "$work/fp32/unet"
     ;;
   cn-optimize)
+    # Fusing the residual UNet alone takes more than one call's 10 minutes (9.5 minutes of
+    # fusion passes, then the float16 conversion, on 2026-11-29): it runs in its own process
+    # session, which outlives the call while the host stays warm; `wait cn-optimize` follows it.
     stash_part 01
     python_env
-    python3 bench/gpu/optimize_unet.py --controlnet "$work/fp32" "$work/fused-cn" \
-      "$work/cn-fp32" "$work/cn-fused" 2>&1 | tee "$out/optimize-cn.log"
-    tail -1 "$out/optimize-cn.log" > "$work/optimize-cn.json"
-    du -shL "$work/fused-cn/unet" "$work/cn-fused"
+    detach cn-optimize python3 bench/gpu/optimize_unet.py --controlnet "$work/fp32" "$work/fused-cn" \
+      "$work/cn-fp32" "$work/cn-fused"
+    ;;
+  wait)
+    name="${2:?job name}"
+    for _ in $(seq 1 57); do
+      [ -f "$work/$name.rc" ] && break
+      sleep 10
+    done
+    tr '\r' '\n' < "$work/$name.log" | grep -v '^fusion' | tail -5 | cut -c1-2000
+    tr '\r' '\n' < "$work/$name.log" | grep '^fusion' | tail -1
+    if [ ! -f "$work/$name.rc" ]; then echo "$name still running"; exit 3; fi
+    cp "$work/$name.log" "$out/"
+    [ "$name" = cn-optimize ] && tail -1 "$work/$name.log" > "$work/optimize-cn.json"
+    exit "$(cat "$work/$name.rc")"
     ;;
   cn-engine)
     unpack_ort
