@@ -23,7 +23,6 @@ ControlNet (onnx/export_controlnet.py), and the SDXL pipeline with `unet/model_c
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -48,23 +47,6 @@ def edge_image(size):
     spoke = np.abs(np.modf(np.degrees(np.arctan2(dy, dx)) / 30.0)[0]) < 0.02
     v = np.where(ring | spoke, 255, 0).astype(np.uint8)
     return Image.fromarray(np.stack([v, v, v], axis=-1), "RGB")
-
-
-def time_cuda(fn, warmup, iters):
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
 def controlnet_steps(unet, controlnet, rows):
@@ -94,8 +76,8 @@ def controlnet_steps(unet, controlnet, rows):
 
     return {
         "rows": rows,
-        "controlnet": time_cuda(control, 3, 20),
-        "controlnet_and_unet": time_cuda(both, 3, 20),
+        "controlnet": torch_bench.time_cuda(control, 3, 20),
+        "controlnet_and_unet": torch_bench.time_cuda(both, 3, 20),
     }
 
 

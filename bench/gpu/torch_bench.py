@@ -50,22 +50,28 @@ def unet_inputs(unet, rows, dtype):
     )
 
 
-def time_unet(unet, rows, warmup, iters):
-    inputs = unet_inputs(unet, rows, torch.float16)
+def time_cuda(fn, warmup, iters):
+    """Milliseconds per call of `fn` on the GPU (CUDA events), median and minimum of `iters`
+    after `warmup` calls."""
     with torch.inference_mode():
         for _ in range(warmup):
-            unet(**inputs, return_dict=False)
+            fn()
         torch.cuda.synchronize()
         times = []
         for _ in range(iters):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            unet(**inputs, return_dict=False)
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    return {"rows": rows, "median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+
+
+def time_unet(unet, rows, warmup, iters):
+    inputs = unet_inputs(unet, rows, torch.float16)
+    return {"rows": rows, **time_cuda(lambda: unet(**inputs, return_dict=False), warmup, iters)}
 
 
 def time_pipeline(pipe, images, runs, **extra):
