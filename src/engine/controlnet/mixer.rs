@@ -116,26 +116,28 @@ pub(crate) fn build(spec: &MixerSpec) -> ort::Result<Model> {
         &scale_names,
         [],
     )?)?;
+    // The arithmetic is float32 whatever the residuals' types, as on the host path: the
+    // inputs are cast up, the result is cast once to what the UNet takes.
     for (k, &out_elem) in spec.outputs.iter().enumerate() {
         let mut terms = Vec::with_capacity(units);
         for (u, elems) in spec.inputs.iter().enumerate() {
             let mut residual = input_name(u, k);
-            if elems[k] != out_elem {
+            if elems[k] != TensorElementType::Float32 {
                 let cast_name = format!("c{u}_{k}");
-                graph.add_node(cast(&cast_name, &residual, &cast_name, out_elem)?)?;
+                graph.add_node(cast(
+                    &cast_name,
+                    &residual,
+                    &cast_name,
+                    TensorElementType::Float32,
+                )?)?;
                 residual = cast_name;
             }
-            let mut scale = scale_names[u * slots + k].clone();
-            if out_elem != TensorElementType::Float32 {
-                let cast_name = format!("sc{u}_{k}");
-                graph.add_node(cast(&cast_name, &scale, &cast_name, out_elem)?)?;
-                scale = cast_name;
-            }
             let term = format!("m{u}_{k}");
-            graph.add_node(node("Mul", &term, &[&residual, &scale], &term)?)?;
+            let scale = &scale_names[u * slots + k];
+            graph.add_node(node("Mul", &term, &[&residual, scale], &term)?)?;
             terms.push(term);
         }
-        let sum = if units == 1 {
+        let mut sum = if units == 1 {
             terms.remove(0)
         } else {
             let sum = format!("sum{k}");
@@ -143,28 +145,28 @@ pub(crate) fn build(spec: &MixerSpec) -> ort::Result<Model> {
             graph.add_node(node("Sum", &sum, &refs, &sum)?)?;
             sum
         };
-        let out = output_name(k);
         if spec.zero_negative {
             let shape = format!("shape{k}");
             graph.add_node(node("Shape", &shape, &[&sum], &shape)?)?;
             // ConstantOfShape makes float32 zeros unless told otherwise.
-            let mut zeros = format!("zf{k}");
+            let zeros = format!("zeros{k}");
             graph.add_node(node("ConstantOfShape", &zeros, &[&shape], &zeros)?)?;
-            if out_elem != TensorElementType::Float32 {
-                let cast_name = format!("z{k}");
-                graph.add_node(cast(&cast_name, &zeros, &cast_name, out_elem)?)?;
-                zeros = cast_name;
-            }
+            let full = format!("full{k}");
             graph.add_node(Node::new(
                 "Concat",
                 ONNX_DOMAIN,
-                format!("concat{k}"),
+                full.as_str(),
                 [zeros.as_str(), sum.as_str()],
-                [out.as_str()],
+                [full.as_str()],
                 [Attribute::new("axis", 0i64)?],
             )?)?;
-        } else {
+            sum = full;
+        }
+        let out = output_name(k);
+        if out_elem == TensorElementType::Float32 {
             graph.add_node(node("Identity", &out, &[&sum], &out)?)?;
+        } else {
+            graph.add_node(cast(&out, &sum, &out, out_elem)?)?;
         }
     }
     let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17)?])?;
@@ -209,5 +211,106 @@ impl Mixers {
         let mixer = Arc::new(Component::from_session(label, session));
         built.push((spec.clone(), Arc::clone(&mixer)));
         Ok(mixer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{tensor, Device};
+    use half::f16;
+    use ort::value::{DynValue, Tensor};
+
+    fn cpu() -> SessionOptions {
+        SessionOptions {
+            device: Device::Cpu,
+            intra_threads: Some(1),
+            tf32: false,
+            cuda: Default::default(),
+            graph_capture: false,
+        }
+    }
+
+    fn half(shape: [i64; 4], data: &[f32]) -> DynValue {
+        tensor::float_value(TensorElementType::Float16, &shape, data).unwrap()
+    }
+
+    #[test]
+    fn mixes_float16_and_float32_residuals_with_zero_negative_rows() {
+        crate::engine::runtime::environment().expect("ONNX Runtime");
+        // Two ControlNets, two residuals each: the first ControlNet float16, the second
+        // float32; the UNet takes residual 0 in float16 and residual 1 in float32.
+        let spec = MixerSpec {
+            inputs: vec![
+                vec![TensorElementType::Float16, TensorElementType::Float16],
+                vec![TensorElementType::Float32, TensorElementType::Float32],
+            ],
+            outputs: vec![TensorElementType::Float16, TensorElementType::Float32],
+            zero_negative: true,
+        };
+        let mixers = Mixers::default();
+        let mixer = mixers.get(&spec, &cpu()).expect("mixer session");
+        assert!(Arc::ptr_eq(&mixer, &mixers.get(&spec, &cpu()).unwrap()));
+        let a0 = [1.0, -2.0, 0.5, 4.0];
+        let a1 = [3.0, 1.5];
+        let b0 = [0.25, 0.25, -1.0, 2.0];
+        let b1 = [-4.0, 8.0];
+        let scales = [0.5f32, 2.0, 1.0, 0.1];
+        let scales = Tensor::from_array(([4usize], scales.to_vec())).unwrap();
+        let r00 = half([1, 1, 2, 2], &a0);
+        let r01 = half([1, 2, 1, 1], &a1);
+        let r10 = tensor::float_value(TensorElementType::Float32, &[1, 1, 2, 2], &b0).unwrap();
+        let r11 = tensor::float_value(TensorElementType::Float32, &[1, 2, 1, 1], &b1).unwrap();
+        let outputs = mixer.with_session(|session| {
+            let out = session
+                .run(ort::inputs![
+                    SCALES => scales,
+                    input_name(0, 0) => r00,
+                    input_name(0, 1) => r01,
+                    input_name(1, 0) => r10,
+                    input_name(1, 1) => r11,
+                ])
+                .unwrap();
+            let o0 = out[output_name(0).as_str()]
+                .try_extract_tensor::<f16>()
+                .map(|(shape, data)| (shape.to_vec(), data.to_vec()))
+                .unwrap();
+            let o1 = out[output_name(1).as_str()]
+                .try_extract_tensor::<f32>()
+                .map(|(shape, data)| (shape.to_vec(), data.to_vec()))
+                .unwrap();
+            (o0, o1)
+        });
+        let ((shape0, data0), (shape1, data1)) = outputs;
+        // Zero rows for the negative half, then 0.5·a + 1.0·b (residual 0), 2·a + 0.1·b (1).
+        assert_eq!(shape0, vec![2, 1, 2, 2]);
+        let want0: Vec<f32> = [0.0; 4]
+            .into_iter()
+            .chain(a0.iter().zip(&b0).map(|(a, b)| 0.5 * a + b))
+            .collect();
+        let got0: Vec<f32> = data0.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(got0, want0);
+        assert_eq!(shape1, vec![2, 2, 1, 1]);
+        let want1: Vec<f32> = [0.0; 2]
+            .into_iter()
+            .chain(a1.iter().zip(&b1).map(|(a, b)| 2.0 * a + 0.1 * b))
+            .collect();
+        assert_eq!(data1, want1);
+    }
+
+    #[test]
+    fn refuses_a_spec_without_controlnets_or_with_mismatched_residuals() {
+        let empty = MixerSpec {
+            inputs: vec![],
+            outputs: vec![TensorElementType::Float32],
+            zero_negative: false,
+        };
+        assert!(build(&empty).is_err());
+        let short = MixerSpec {
+            inputs: vec![vec![TensorElementType::Float32]],
+            outputs: vec![TensorElementType::Float32; 2],
+            zero_negative: false,
+        };
+        assert!(build(&short).is_err());
     }
 }
