@@ -21,7 +21,8 @@
 //! - `BENCH_OUT`: where to write the JSON report (default: stdout only).
 //! - `BENCH_CONTROLNET`: a ControlNet export directory (`onnx/export_controlnet.py`); each run
 //!   then applies it (as a canny ControlNet, conditioning scale 1, on a synthetic edge image)
-//!   to its one request. The model needs `unet/model_controlnet.onnx`.
+//!   to its one request. The model needs `unet/model_controlnet.onnx`. A step's host time
+//!   (`unet_step_host_ms`) then includes the ControlNet evaluations (`controlnet_ms` per run).
 //!
 //! Under `cargo test` it runs, on the tiny model on the CPU for each of `host_io`, `default`
 //! and `graph` (the latter two through device-bound buffers on the CPU), two jobs of 2 steps as

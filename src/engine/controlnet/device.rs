@@ -72,7 +72,7 @@ impl<'a> ControlRun<'a> {
         let units = self
             .units
             .iter()
-            .map(|unit| self.bind_unit(unit, device_id).map_err(control_err))
+            .map(|unit| self.bind_unit(unit, device_id))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(DeviceControl {
             run: self,
@@ -84,66 +84,71 @@ impl<'a> ControlRun<'a> {
         })
     }
 
-    fn bind_unit(&self, unit: &PreparedUnit<'a>, device_id: i32) -> ort::Result<BoundUnit> {
+    fn bind_unit(&self, unit: &PreparedUnit<'a>, device_id: i32) -> Result<BoundUnit, EngineError> {
         let net = unit.net;
         let rows = self.control_rows();
         let shape = self.shape;
-        let slots = self.slot_list();
-        net.component.with_session(|session| {
-            let allocator = Allocator::new(session, device_info(device_id)?)?;
-            let like =
-                |v: &DynValue| DynTensor::new(&allocator, *v.data_type(), v.shape().to_vec());
-            let mut binding = session.create_binding()?;
-            let sample_shape = [
-                rows as i64,
-                shape.channels as i64,
-                shape.latent_h as i64,
-                shape.latent_w as i64,
-            ];
-            let sample = DynTensor::new(&allocator, net.sample.elem, sample_shape.to_vec())?;
-            let timestep = like(&timestep_value(&net.timestep, 0.0, rows)?)?;
-            binding.bind_input("sample", &sample)?;
-            binding.bind_input("timestep", &timestep)?;
-            let mut inputs = Vec::new();
-            for (name, host) in [
-                ("controlnet_cond", Some(&unit.cond)),
-                ("encoder_hidden_states", unit.hidden.as_ref()),
-                ("text_embeds", unit.pooled.as_ref()),
-                ("time_ids", unit.time_ids.as_ref()),
-            ] {
-                if let Some(host) = host {
-                    let mut device = like(host)?;
-                    upload(host, &mut device)?;
-                    binding.bind_input(name, &device)?;
-                    inputs.push(device);
-                }
-            }
-            let names = net.down_outputs.iter().map(String::as_str).chain([NET_MID]);
-            let mut outputs = Vec::new();
-            for (name, slot) in names.zip(&slots) {
-                let elem = net
-                    .component
-                    .output(name)
-                    .map_err(|e| ort::Error::new(e.to_string()))?
-                    .elem;
+        let names = net.down_outputs.iter().map(String::as_str).chain([NET_MID]);
+        // Each residual buffer: the output it is bound to, its element type and its shape.
+        let outputs = names
+            .zip(self.slot_list())
+            .map(|(name, slot)| {
+                let elem = net.component.output(name)?.elem;
                 let dims: Vec<i64> = slot
                     .shape(rows, shape.latent_h, shape.latent_w)
                     .iter()
                     .map(|&d| d as i64)
                     .collect();
-                let mut out = DynTensor::new(&allocator, elem, dims)?;
-                binding.bind_output(name, &mut out)?;
-                outputs.push(out);
-            }
-            Ok(BoundUnit {
-                binding,
-                sample,
-                timestep,
-                outputs,
-                _inputs: inputs,
-                _allocator: allocator,
+                Ok((name, elem, dims))
             })
-        })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let bound = net
+            .component
+            .with_session(|session| -> ort::Result<BoundUnit> {
+                let allocator = Allocator::new(session, device_info(device_id)?)?;
+                let like =
+                    |v: &DynValue| DynTensor::new(&allocator, *v.data_type(), v.shape().to_vec());
+                let mut binding = session.create_binding()?;
+                let sample_shape = [
+                    rows as i64,
+                    shape.channels as i64,
+                    shape.latent_h as i64,
+                    shape.latent_w as i64,
+                ];
+                let sample = DynTensor::new(&allocator, net.sample.elem, sample_shape.to_vec())?;
+                let timestep = like(&timestep_value(&net.timestep, 0.0, rows)?)?;
+                binding.bind_input("sample", &sample)?;
+                binding.bind_input("timestep", &timestep)?;
+                let mut inputs = Vec::new();
+                for (name, host) in [
+                    ("controlnet_cond", Some(&unit.cond)),
+                    ("encoder_hidden_states", unit.hidden.as_ref()),
+                    ("text_embeds", unit.pooled.as_ref()),
+                    ("time_ids", unit.time_ids.as_ref()),
+                ] {
+                    if let Some(host) = host {
+                        let mut device = like(host)?;
+                        upload(host, &mut device)?;
+                        binding.bind_input(name, &device)?;
+                        inputs.push(device);
+                    }
+                }
+                let mut buffers = Vec::with_capacity(outputs.len());
+                for (name, elem, dims) in &outputs {
+                    let mut out = DynTensor::new(&allocator, *elem, dims.clone())?;
+                    binding.bind_output(*name, &mut out)?;
+                    buffers.push(out);
+                }
+                Ok(BoundUnit {
+                    binding,
+                    sample,
+                    timestep,
+                    outputs: buffers,
+                    _inputs: inputs,
+                    _allocator: allocator,
+                })
+            });
+        bound.map_err(control_err)
     }
 }
 
