@@ -133,6 +133,8 @@ def main():
     # The worker end to end against the engine alone with the same settings (CUDA graphs when
     # the run had SDXL_CUDA_GRAPH=true, TF32 with SDXL_CUDA_TF32=true).
     for name, run in workers.items():
+        if (run or {}).get("controlnet"):
+            continue  # compared with the engine's ControlNet runs below
         env = (run or {}).get("env", {})
         graph = env.get("SDXL_CUDA_GRAPH") == "true"
         tf32 = env.get("SDXL_CUDA_TF32") == "true"
@@ -203,6 +205,30 @@ def main():
             entry["engine_without_controlnet_s"] = off["run_s"]
             entry["engine_controlnet_cost"] = fastest["run_s"] / off["run_s"]
         targets["controlnet_engine_vs_diffusers_eager"] = entry
+    # The worker with every job carrying the ControlNet, against the engine alone with the same
+    # CUDA settings.
+    for name, run in workers.items():
+        if not (run or {}).get("controlnet"):
+            continue
+        env = run.get("env", {})
+        on = [p for p, v in (("graph", "SDXL_CUDA_GRAPH"), ("tf32", "SDXL_CUDA_TF32")) if env.get(v) == "true"]
+        variant = "+".join(on) or "default"
+        alone = next((r for r in cn_engine if r["variant"] == variant), None)
+        for r in run.get("results", []):
+            if "error" in r:
+                continue
+            entry = {
+                "file": name,
+                "variant": variant,
+                "max_batch": r["scenario"]["max_batch"],
+                "images_per_s": r["images_per_s"],
+                "gpu_busy_percent": r["gpu_busy_percent"],
+                "median_controlnet_ms": r.get("median_controlnet_ms"),
+            }
+            if alone:
+                entry["engine_alone_images_per_s"] = alone["images_per_s"]
+                entry["ratio_to_engine"] = r["images_per_s"] / alone["images_per_s"]
+            targets.setdefault("controlnet_worker_saturated", []).append(entry)
     # What limits the targets this run missed, written after reading its numbers.
     notes = load(run_dir, "notes.json")
     report = {

@@ -268,7 +268,7 @@ print(lines)" "$out/ort-python-probe.json" || true
     BENCH_WORK="$work" bench/gpu/services.sh start
     python3 bench/gpu/worker_e2e.py --bin "$work/sdxl-worker" --model "${E2E_MODEL:-$work/fused}" \
       --out "$out/${E2E_NAME:-worker-e2e}.json" --jobs "${E2E_JOBS:-12}" \
-      --scenarios "${E2E_SCENARIOS:-1:2,4:8}"
+      --scenarios "${E2E_SCENARIOS:-1:2,4:8}" ${E2E_CONTROLNET:+--controlnet "$E2E_CONTROLNET"}
     BENCH_WORK="$work" bench/gpu/services.sh stop || true
     ;;
   *) echo "unknown command $cmd" >&2; exit 2 ;;

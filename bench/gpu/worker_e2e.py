@@ -14,18 +14,26 @@ wait, denoising, VAE, PNG, upload, batch size), the GPU busy ratio over that win
 utilization sampled every 100 ms) and the peak GPU memory.
 
     python3 bench/gpu/worker_e2e.py --bin BIN --model DIR --out OUT/worker-e2e.json
+
+With `--controlnet DIR` (a ControlNet export, configured as the canny one; the model needs
+`unet/model_controlnet.onnx`) every job also carries that ControlNet with an inline control image:
+the synthetic edge image benches/gpu_engine.rs draws, at the job's size, conditioning scale 1.
 """
 
 import argparse
+import base64
 import json
+import math
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 from datetime import datetime
 
 PROMPTS = [
@@ -36,8 +44,36 @@ PROMPTS = [
 ]
 
 
+def edge_png(size):
+    """White rings and spokes on black (benches/gpu_engine.rs `edge_image`), as an RGB PNG, with
+    the standard library only."""
+    c = size / 2.0
+    rows = []
+    for y in range(size):
+        line = bytearray(b"\x00")  # filter type: none
+        for x in range(size):
+            dx, dy = x - c, y - c
+            ring = math.modf(math.hypot(dx, dy) / (c / 6.0))[0] < 0.04
+            spoke = abs(math.modf(math.degrees(math.atan2(dy, dx)) / 30.0)[0]) < 0.02
+            line += b"\xff\xff\xff" if ring or spoke else b"\x00\x00\x00"
+        rows.append(bytes(line))
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
 def config_text(args, scenario, prefix, images_dir):
-    return f"""
+    controlnet = f'[controlnet]\ncanny = "{args.controlnet}"\n' if args.controlnet else ""
+    return controlnet + f"""
 [broker]
 url = "amqp://guest:guest@127.0.0.1:{args.amqp_port}/%2f"
 prefix = "{prefix}"
@@ -122,6 +158,29 @@ def cli(args, config, *rest, check=True):
 
 def submit(args, config, n, seed):
     job_id = str(uuid.uuid4())
+    if args.controlnet:
+        message = {
+            "version": 1,
+            "id": job_id,
+            "prompt": PROMPTS[n % len(PROMPTS)],
+            "negative_prompt": "blurry, low quality",
+            "steps": args.steps,
+            "width": args.size,
+            "height": args.size,
+            "scheduler": "euler",
+            "seed": seed,
+            "controlnets": [
+                {"type": "canny", "image_base64": args.control_image, "conditioning_scale": 1.0}
+            ],
+        }
+        subprocess.run(
+            [args.bin, "--config", config, "submit", "--json", "-"],
+            input=json.dumps(message),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return job_id
     cli(
         args,
         config,
@@ -251,6 +310,7 @@ def scenario_run(args, scenario, sampler):
             "median_total_ms": med("total_ms"),
             "median_queue_wait_ms": med("queue_wait_ms"),
             "median_denoising_ms": med("denoising_ms"),
+            "median_controlnet_ms": med("controlnet_ms"),
             "median_vae_ms": med("vae_ms"),
             "median_png_ms": med("png_ms"),
             "median_upload_ms": med("upload_ms"),
@@ -297,8 +357,11 @@ def main():
         default="1:2,4:8",
         help="comma-separated max_batch:prefetch pairs",
     )
+    p.add_argument("--controlnet", help="a ControlNet export every job applies (as canny)")
     args = p.parse_args()
     args.out_dir = os.path.dirname(os.path.abspath(args.out))
+    if args.controlnet:
+        args.control_image = base64.b64encode(edge_png(args.size)).decode()
     index = int(args.device.split(":")[1]) if ":" in args.device else 0
     sampler = Sampler(index)
     results = []
@@ -316,7 +379,14 @@ def main():
     finally:
         sampler.stop()
     env = {k: v for k, v in os.environ.items() if k.startswith("SDXL_")}
-    report = {"model": args.model, "steps": args.steps, "size": args.size, "env": env, "results": results}
+    report = {
+        "model": args.model,
+        "controlnet": args.controlnet,
+        "steps": args.steps,
+        "size": args.size,
+        "env": env,
+        "results": results,
+    }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
 
