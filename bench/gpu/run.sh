@@ -29,11 +29,10 @@
 #   bench/gpu/run.sh cn-torch       [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager with
 #                                   and without a full-size ControlNet (bench/gpu/controlnet_bench.py),
 #                                   then the ControlNet's float32 ONNX export
-#   bench/gpu/run.sh cn-export      the float32 ONNX export of SDXL with the residual UNet
-#   bench/gpu/run.sh cn-optimize    [carry .gpu-stage/ort.01] start fusing the residual UNet,
-#                                   the ControlNet and the text encoders to float16 (fused-cn,
-#                                   cn-fused) in the background: about 13 minutes
-#   bench/gpu/run.sh wait cn-optimize  follow it (up to 9.5 minutes per call; exit 3: not done)
+#   bench/gpu/run.sh cn-prepare     [carry .gpu-stage/ort.01] start, in the background, the
+#                                   float32 export of SDXL with the residual UNet, then the
+#                                   float16 fusions (fused-cn, cn-fused): about 17 minutes
+#   bench/gpu/run.sh wait cn-prepare   follow it (up to 9.5 minutes per call; exit 3: not done)
 #   bench/gpu/run.sh part NN        as above, for each further part
 #   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
 #                                   same model without it
@@ -42,7 +41,7 @@
 #                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-export|cn-optimize|wait NAME|cn-engine|gpu-tests}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -202,19 +201,22 @@ print(lines)" "$out/ort-python-probe.json" || true
     cp "$out/torch-controlnet.json" "$work/"
     du -sh "$work/cn-fp32"
     ;;
-  cn-export)
-    python_env
-    python3 bench/gpu/controlnet_bench.py --export "$work/fp32" 2>&1 | grep -v Warning
-    du -sh "$work/fp32/unet"
-    ;;
-  cn-optimize)
-    # Fusing the residual UNet alone takes more than one call's 10 minutes (9.5 minutes of
-    # fusion passes, then the float16 conversion, on 2026-11-29): it runs in its own process
-    # session, which outlives the call while the host stays warm; `wait cn-optimize` follows it.
+  cn-prepare)
+    # The float32 export of SDXL with its residual UNet (about 6 minutes), then the float16
+    # fusions of the residual UNet, the ControlNet and the text encoders in parallel (the
+    # residual UNet's alone took 9.5 minutes of fusion passes and more to write on 2026-11-29):
+    # longer than one call may run, so it runs in its own process session, which outlives the
+    # call while the host stays warm, from a copy of the scripts it needs; `wait cn-prepare`
+    # follows it, and other steps (parts, services, gpu-tests) can run meanwhile.
     stash_part 01
     python_env
-    detach cn-optimize python3 bench/gpu/optimize_unet.py --controlnet "$work/fp32" "$work/fused-cn" \
-      "$work/cn-fp32" "$work/cn-fused"
+    code="$work/code"
+    rm -rf "$code" && mkdir -p "$code/tests/fixtures/tiny-sdxl"
+    cp -r bench onnx "$code/" && cp -r tests/fixtures/tiny-sdxl/tokenizer* "$code/tests/fixtures/tiny-sdxl/"
+    detach cn-prepare bash -c "cd '$code' \
+      && python3 bench/gpu/controlnet_bench.py --export '$work/fp32' \
+      && python3 bench/gpu/optimize_unet.py --controlnet '$work/fp32' '$work/fused-cn' \
+           '$work/cn-fp32' '$work/cn-fused'"
     ;;
   wait)
     name="${2:?job name}"
@@ -226,7 +228,7 @@ print(lines)" "$out/ort-python-probe.json" || true
     tr '\r' '\n' < "$work/$name.log" | grep '^fusion' | tail -1
     if [ ! -f "$work/$name.rc" ]; then echo "$name still running"; exit 3; fi
     cp "$work/$name.log" "$out/"
-    [ "$name" = cn-optimize ] && tail -1 "$work/$name.log" > "$work/optimize-cn.json"
+    [ "$name" = cn-prepare ] && tail -1 "$work/$name.log" > "$work/optimize-cn.json"
     exit "$(cat "$work/$name.rc")"
     ;;
   cn-engine)
