@@ -4,9 +4,10 @@
 # Everything it needs travels from a build machine in parts of at most 40 MB; see bench/README.md.
 #
 # On the build machine (repository root):
-#   bench/gpu/run.sh stage          downloads the wheels, builds the benchmark binary and the
-#                                   worker, splits the ONNX Runtime GPU wheel, packs Postgres
-#                                   and RabbitMQ (bench/gpu/services.sh); prints the calls
+#   bench/gpu/run.sh stage          downloads the wheels, builds the benchmark binary, the
+#                                   worker and the GPU test binaries, splits the ONNX Runtime
+#                                   GPU wheel, packs Postgres and RabbitMQ
+#                                   (bench/gpu/services.sh); prints the calls
 # On the GPU host (repository root; files under /root survive between the calls):
 #   bench/gpu/run.sh torch-eager    [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager,
 #                                   then the float32 ONNX export of the same weights
@@ -125,6 +126,8 @@ case "$cmd" in
     ls -la .gpu-stage/py .gpu-stage/bin .gpu-stage/wbin .gpu-stage/ort.* .gpu-stage/svc.*
     echo "calls: torch-eager [py, ort.00]; optimize [ort.01]; part NN for each further part;"
     echo "       engine [bin]; batch; svc NN for each services part; worker [wbin]"
+    echo "ControlNet: cn-torch [py, ort.00]; cn-prepare [ort.01]; part NN; wait cn-prepare;"
+    echo "       cn-engine [bin]; gpu-tests [tbin]; svc NN; worker with E2E_CONTROLNET [wbin]"
     ;;
   torch-eager)
     mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
