@@ -11,7 +11,8 @@
 //! - `BENCH_DEVICE`: `cuda:N` (default `cuda:0`).
 //! - `BENCH_VARIANTS`: comma-separated settings to compare, each a `+`-joined list of changes
 //!   from the defaults of [`CudaOptions`]: `default`, `host_io` (no device binding), `nhwc`,
-//!   `graph` (CUDA graph), `flash`, `efficient`, `cudnn_flash`, `math` (attention kernel),
+//!   `graph` (CUDA graph), `device_step` (guidance and the Euler update on the device),
+//!   `flash`, `efficient`, `cudnn_flash`, `math` (attention kernel),
 //!   `heuristic` (convolution search), `pow2_arena`, and `tf32` (TF32 math in the float32
 //!   graphs: text encoders and VAE). Default: `host_io,default,nhwc,graph`.
 //! - `BENCH_IMAGES`: images per request (default 1).
@@ -24,9 +25,10 @@
 //!   to its one request. The model needs `unet/model_controlnet.onnx`. A step's host time
 //!   (`unet_step_host_ms`) then includes the ControlNet evaluations (`controlnet_ms` per run).
 //!
-//! Under `cargo test` it runs, on the tiny model on the CPU for each of `host_io`, `default`
-//! and `graph` (the latter two through device-bound buffers on the CPU), two jobs of 2 steps as
-//! one batch and one request with the tiny canny ControlNet, and fails if any of them fails.
+//! Under `cargo test` it runs, on the tiny model on the CPU for each of `host_io`, `default`,
+//! `graph` and `graph+device_step` (all but the first through device-bound buffers on the
+//! CPU), two jobs of 2 steps as one batch, one job alone, and one with the tiny canny
+//! ControlNet, and fails if any of them fails.
 //!
 //! For each variant: load time, the first run (cuDNN's algorithm search, graph capture), then
 //! `BENCH_RUNS` runs: wall time of the run, median time of one denoising step (wall, inside
@@ -75,6 +77,7 @@ fn variant(spec: &str) -> Result<CudaOptions, String> {
             "host_io" => o.io_binding = false,
             "nhwc" => o.prefer_nhwc = true,
             "graph" => o.graph = true,
+            "device_step" => o.device_step = true,
             "heuristic" => o.conv_search = ConvSearch::Heuristic,
             "pow2_arena" => o.arena_same_as_requested = false,
             other => o.attention = other.parse::<AttentionKernel>()?,
@@ -352,7 +355,7 @@ fn main() {
             })
     };
     let variants = if smoke {
-        "host_io,default,graph".to_owned()
+        "host_io,default,graph,graph+device_step".to_owned()
     } else {
         std::env::var("BENCH_VARIANTS").unwrap_or_else(|_| "host_io,default,nhwc,graph".into())
     };
@@ -386,6 +389,7 @@ fn main() {
     for spec in variants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let mut cases = vec![(&requests[..], controlnet.as_ref())];
         if smoke {
+            cases.push((&smoke_request[..], None));
             cases.push((&smoke_request[..], Some(&smoke_controlnet)));
         }
         for (requests, controlnet) in cases {

@@ -1,5 +1,6 @@
-//! The UNet's device-binding path (inputs and outputs bound once per run, as on CUDA) and the
-//! static-shape sessions used for CUDA graphs compute exactly what the plain path computes.
+//! The UNet's device-binding path (inputs and outputs bound once per run, as on CUDA), the
+//! static-shape sessions used for CUDA graphs, and guidance with the Euler update on the device
+//! (`cuda.device_step`) compute exactly what the plain path computes.
 //! Run on the CPU provider through `EngineOptions::bind_io_on_cpu`, so no GPU is needed.
 
 mod common;
@@ -12,16 +13,20 @@ use sdxl_worker::engine::{
 };
 
 fn engine(bind: bool, graph: bool, graph_shapes: usize) -> Engine {
+    engine_with(CudaOptions {
+        io_binding: bind,
+        graph,
+        graph_shapes,
+        ..CudaOptions::default()
+    })
+}
+
+fn engine_with(cuda: CudaOptions) -> Engine {
     let options = EngineOptions {
         device: common::test_device(),
         intra_threads: Some(1),
-        bind_io_on_cpu: bind,
-        cuda: CudaOptions {
-            io_binding: bind,
-            graph,
-            graph_shapes,
-            ..CudaOptions::default()
-        },
+        bind_io_on_cpu: cuda.io_binding,
+        cuda,
     };
     Engine::load(common::tiny_model_dir(), &options).expect("load the tiny pipeline")
 }
@@ -135,4 +140,46 @@ fn bound_buffers_and_static_shape_sessions_compute_what_the_plain_path_computes(
         false,
         "static shape reused",
     );
+}
+
+#[test]
+fn guidance_and_euler_steps_on_the_device_compute_what_the_host_computes() {
+    let plain = engine(false, false, 0);
+    let on_device = engine_with(CudaOptions {
+        device_step: true,
+        ..CudaOptions::default()
+    });
+    let graphs = engine_with(CudaOptions {
+        device_step: true,
+        graph: true,
+        graph_shapes: 4,
+        ..CudaOptions::default()
+    });
+    let euler = |request: GenerateRequest| GenerateRequest {
+        scheduler: SchedulerKind::Euler,
+        ..request
+    };
+    // Euler with and without guidance, one and two images, two shapes; then requests that
+    // step on the host even with the option on (Euler ancestral, guidance rescale).
+    let mut cases: Vec<GenerateRequest> = requests().into_iter().map(euler).collect();
+    cases.push(GenerateRequest {
+        scheduler: SchedulerKind::EulerA,
+        ..common::basic_request()
+    });
+    cases.push(GenerateRequest {
+        guidance_rescale: 0.7,
+        ..euler(common::basic_request())
+    });
+    for (i, request) in cases.iter().enumerate() {
+        let expected = run(&plain, request);
+        let got = run(&on_device, request);
+        assert_same(&expected, &got, true, &format!("device step, request {i}"));
+        assert_eq!(got.timings.per_step.len(), request.steps as usize);
+        assert_same(
+            &expected,
+            &run(&graphs, request),
+            false,
+            &format!("device step with static shapes, request {i}"),
+        );
+    }
 }

@@ -36,7 +36,7 @@
 #   bench/gpu/run.sh wait cn-prepare   follow it (up to 9.5 minutes per call; exit 3: not done)
 #   bench/gpu/run.sh part NN        as above, for each further part
 #   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
-#                                   same model without it
+#                                   same model without it (also with cuda.device_step)
 #   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] (once the ONNX Runtime parts are
 #                                   stored) the CPU test suite's parity and
 #                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
@@ -176,7 +176,8 @@ json.dump({'what': 'The fused float16 UNet in ONNX Runtime $ort_version Python A
 print(lines)" "$out/ort-python-probe.json" || true
     cp "$out/ort-python-probe.json" "$work/" 2>/dev/null || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32}" "$work/gpu_engine" --bench
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32,graph+tf32+device_step}" \
+      "$work/gpu_engine" --bench
     cp "$out/engine-b1.json" "$work/"
     if [ -d "$work/fused-vae16" ]; then
       BENCH_MODEL="$work/fused-vae16" BENCH_OUT="$out/engine-b1-vae16.json" \
@@ -243,7 +244,7 @@ print(lines)" "$out/ort-python-probe.json" || true
       BENCH_VARIANTS="${BENCH_VARIANTS:-host_io+tf32,tf32,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet.json" "$work/"
     BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32}" "$work/gpu_engine" --bench
+      BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32,graph+tf32+device_step}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet-off.json" "$work/"
     ;;
   gpu-tests)

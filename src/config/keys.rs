@@ -356,6 +356,11 @@ pub const KEYS: &[KeySpec] = &[
         "most shapes with a CUDA graph per consumer",
     ),
     key(
+        "cuda.device_step",
+        "SDXL_CUDA_DEVICE_STEP",
+        "guidance and the Euler update on the device between UNet steps",
+    ),
+    key(
         "cuda.tf32",
         "SDXL_CUDA_TF32",
         "TF32 math in float32 graphs (text encoders, VAE)",
@@ -465,6 +470,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "cuda.io_binding" => s.cuda.io_binding = v.flag()?,
         "cuda.graph" => s.cuda.graph = v.flag()?,
         "cuda.graph_shapes" => s.cuda.graph_shapes = v.int()?,
+        "cuda.device_step" => s.cuda.device_step = v.flag()?,
         "cuda.tf32" => s.cuda.tf32 = v.flag()?,
         "worker.prefetch" => s.worker.prefetch = v.int()?,
         "worker.max_batch" => s.worker.max_batch = v.int()?,

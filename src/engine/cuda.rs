@@ -115,6 +115,11 @@ pub struct CudaOptions {
     pub graph: bool,
     /// Most static-shape UNet sessions kept for CUDA graphs (each holds its own weights).
     pub graph_shapes: usize,
+    /// Run classifier-free guidance and the Euler update on the device between UNet steps
+    /// (needs `io_binding`; Euler with an epsilon-predicting model, no ControlNets, no guidance
+    /// rescale; other runs step on the host), so that a step copies nothing but its timestep.
+    /// See `engine::device_step`.
+    pub device_step: bool,
     /// Let float32 graphs (the text encoders, the VAE, an unfused UNet) use TF32 tensor cores
     /// for matrix products and convolutions: faster (the SDXL VAE decode on an H200: 114 ms
     /// against 312 ms), about 3 decimal digits. Off by default, so that float32 graphs compute
@@ -136,6 +141,7 @@ impl Default for CudaOptions {
             io_binding: true,
             graph: false,
             graph_shapes: 2,
+            device_step: false,
             tf32: false,
         }
     }

@@ -11,6 +11,8 @@ pub mod canny;
 pub mod control_image;
 pub mod controlnet;
 pub mod cuda;
+mod denoise;
+mod device_step;
 mod error;
 pub mod guidance;
 pub mod img2img;
@@ -76,6 +78,8 @@ pub struct Engine {
     graph_unets: unet::GraphSessions,
     /// ControlNet residual mixers, by the ControlNets and element types they combine.
     mixers: controlnet::Mixers,
+    /// Guidance-and-Euler step graphs ([`CudaOptions::device_step`](cuda::CudaOptions)).
+    step_graphs: device_step::StepGraphs,
 }
 
 /// Where an engine runs its ONNX Runtime sessions.

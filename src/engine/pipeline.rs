@@ -1,16 +1,18 @@
 //! The text-to-image run: request validation against the loaded model, prompt encoding, the
-//! denoising loop (classifier-free guidance in one UNet call per step on the batch
-//! `[negative; positive]`, as diffusers orders it) and VAE decoding.
+//! per-step pieces of the denoising loop shared with batches (the UNet batch `[negative;
+//! positive]`, as diffusers orders it, and guidance with the scheduler's update on the host)
+//! and VAE decoding.
 //!
 //! Every kind of run goes through the same three parts: [`Engine::prepare`] (validation, the
 //! scheduler, the prompts, the noise streams and the starting latents, from noise or from an
-//! init image), [`Engine::denoise`] over a range of the schedule, and [`Engine::finish`] (VAE
-//! decoding). The refined run ([`super::refiner`]) runs the loop twice, on two engines.
+//! init image), `Engine::denoise` over a range of the schedule (`denoise.rs`), and
+//! [`Engine::finish`] (VAE decoding). The refined run ([`super::refiner`]) runs the loop twice,
+//! on two engines.
 
 use std::path::Path;
 use std::time::Instant;
 
-use super::controlnet::{ControlRequest, ControlRun};
+use super::controlnet::ControlRequest;
 use super::img2img;
 use super::model::SdxlModel;
 use super::noise::{image_seed, BatchNoise};
@@ -18,11 +20,9 @@ use super::refiner::AestheticScores;
 use super::runtime::SessionOptions;
 use super::scheduler::{self, Scheduler, SchedulerConfig};
 use super::text::{self, Conditioning, PromptTexts};
-use super::unet::UnetRunner;
-use super::unet_inputs::UnetConstants;
 use super::{
     guidance, vae, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest,
-    GeneratedImage, Progress, ProgressFn, StageTimings,
+    GeneratedImage, ProgressFn, StageTimings,
 };
 
 const UNET: &str = "UNet";
@@ -75,6 +75,7 @@ impl Engine {
             vae_encoder: Default::default(),
             graph_unets: Default::default(),
             mixers: Default::default(),
+            step_graphs: Default::default(),
         })
     }
 
@@ -360,102 +361,6 @@ impl Engine {
         } else {
             text::encode_prompts(&self.model, &texts, guidance)
         }
-    }
-
-    /// The denoising loop, from evaluation `state.start` to `state.end` (exclusive).
-    pub(super) fn denoise(
-        &self,
-        state: &mut DenoiseState<'_>,
-        scheduler: &mut dyn Scheduler,
-        conditioning: &Conditioning,
-        latents: &mut [f32],
-        progress: &mut ProgressFn<'_>,
-    ) -> Result<(), EngineError> {
-        let shape = state.shape;
-        let rows = shape.unet_rows();
-        let constants = UnetConstants::new(
-            &self.model,
-            conditioning,
-            state.request,
-            &shape,
-            state.aesthetic,
-        )?;
-        let control = ControlRun::new(
-            &self.model,
-            state.control,
-            conditioning,
-            state.request,
-            &shape,
-        )?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let start = state.start;
-        let end = state.end.min(timesteps.len());
-        let total = (end - start.min(end)) as u32;
-        let per_batch = shape.images * shape.per_image();
-        let sample_shape = [
-            rows as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ];
-        let mut model_input = vec![0.0f32; rows * shape.per_image()];
-        let mut guided = vec![0.0f32; per_batch];
-        let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
-        // With the UNet's inputs on the device, the ControlNets run there too.
-        let mut on_device = match runner.device_id() {
-            Some(id) if control.has_units() => {
-                Some(control.bind_device(id, &self.mixers, self.session_options())?)
-            }
-            _ => None,
-        };
-        for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
-            let step_started = Instant::now();
-            fill_block(scheduler, latents, i, shape.guidance, &mut model_input);
-            let spent = &mut state.timings.controlnet;
-            let residuals = match on_device.as_mut() {
-                Some(device) => {
-                    let buffers = runner.residual_buffers();
-                    device.step(i, timesteps.len(), &model_input, t, buffers, spent)?;
-                    Vec::new()
-                }
-                None => control.step(i, timesteps.len(), &model_input, t, spent)?,
-            };
-            let result = runner.step(&model_input, t, residuals)?;
-            let out = result.out;
-            if out.len() != rows * shape.per_image() {
-                return Err(EngineError::UnexpectedOutput {
-                    stage: UNET,
-                    message: format!(
-                        "{} values, expected {}",
-                        out.len(),
-                        rows * shape.per_image()
-                    ),
-                });
-            }
-            update_block(
-                state.request,
-                &shape,
-                &out,
-                &mut guided,
-                i,
-                scheduler,
-                latents,
-                state.noise,
-            )?;
-            state.timings.per_step.push(step_started.elapsed());
-            state.timings.per_step_session_run.push(result.session_time);
-            state.timings.per_step_copies.push(result.copy_time);
-            state.timings.denoising_session_run += result.session_time;
-            if progress(Progress {
-                step: (i - start) as u32 + 1,
-                total,
-            })
-            .is_break()
-            {
-                return Err(EngineError::Cancelled);
-            }
-        }
-        Ok(())
     }
 
     pub(super) fn decode_all(

@@ -211,6 +211,26 @@ impl Bound {
         Ok(())
     }
 
+    /// Run the UNet on what the sample buffer holds at timestep `t`; only the timestep is
+    /// copied. Returns the time inside ONNX Runtime and the time copying.
+    fn run_in_place(
+        &mut self,
+        component: &Component,
+        unet: &Unet,
+        t: f64,
+        rows: usize,
+    ) -> Result<(Duration, Duration), EngineError> {
+        let timestep = timestep_host(&unet.timestep, t, rows).map_err(unet_err)?;
+        let copy_started = Instant::now();
+        upload(&timestep, &mut self.timestep).map_err(unet_err)?;
+        let copy_time = copy_started.elapsed();
+        let started = Instant::now();
+        component
+            .with_session(|session| session.run_binding(&self.binding).map(drop))
+            .map_err(unet_err)?;
+        Ok((started.elapsed(), copy_time))
+    }
+
     fn step(
         &mut self,
         component: &Component,
@@ -350,6 +370,49 @@ impl<'e> UnetRunner<'e> {
                     .bound
                     .constants
             }
+        }
+    }
+
+    /// The bound buffers and their session (device path only).
+    fn bound_mut(&mut self) -> Option<(&mut Bound, &Component)> {
+        match &mut self.mode {
+            Mode::Host => None,
+            Mode::Device(bound) => Some((&mut **bound, &self.unet.component)),
+            Mode::Graph(guard) => {
+                let graph = guard
+                    .last_mut()
+                    .expect("the graph session in use is the last one");
+                Some((&mut graph.bound, &*graph.component))
+            }
+        }
+    }
+
+    /// The bound sample input and prediction output (device path only), for a step that
+    /// stays on the device ([`super::device_step`]).
+    pub(super) fn bound_io(&mut self) -> Option<(&mut DynTensor, &DynTensor)> {
+        self.bound_mut()
+            .map(|(bound, _)| (&mut bound.sample, &bound.out))
+    }
+
+    /// Copy `model_input` into the bound sample buffer (device path only).
+    pub(super) fn upload_sample(&mut self, model_input: &[f32]) -> Result<Duration, EngineError> {
+        let sample = tensor::float_value(self.unet.sample.elem, &self.sample_shape, model_input)
+            .map_err(unet_err)?;
+        let started = Instant::now();
+        if let Some((bound, _)) = self.bound_mut() {
+            upload(&sample, &mut bound.sample).map_err(unet_err)?;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Evaluate the UNet on what its bound sample buffer holds, leaving the prediction in its
+    /// bound output (device path only; on the host path this does nothing). Returns the time
+    /// inside ONNX Runtime and the time copying the timestep.
+    pub(super) fn step_in_place(&mut self, t: f64) -> Result<(Duration, Duration), EngineError> {
+        let (unet, rows) = (self.unet, self.rows);
+        match self.bound_mut() {
+            Some((bound, component)) => bound.run_in_place(component, unet, t, rows),
+            None => Ok((Duration::ZERO, Duration::ZERO)),
         }
     }
 

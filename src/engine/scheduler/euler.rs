@@ -111,6 +111,11 @@ impl Scheduler for Euler {
         let dt = self.sigmas[index + 1] as f32 - sigma;
         k_euler_update(self.prediction, sigma, dt, model_output, sample);
     }
+
+    fn euler_epsilon(&self, index: usize) -> Option<(f32, f32)> {
+        (self.prediction == PredictionType::Epsilon && index + 1 < self.sigmas.len())
+            .then(|| (self.sigmas[index] as f32, self.sigmas[index + 1] as f32))
+    }
 }
 
 /// One Euler step from `sigma` by `dt` given the model output, in float32 as diffusers computes

@@ -18,6 +18,8 @@
 //! diffusers calls `randn_tensor`.
 
 mod common;
+
+pub(crate) use common::input_scale;
 mod config;
 mod ddim;
 mod dpm_multistep;
@@ -123,6 +125,13 @@ pub trait Scheduler: Send {
         sample: &mut [f32],
         noise: &mut BatchNoise,
     );
+    /// `(σ, σ_next)` in float32 when the update at `index` is the plain Euler update of an
+    /// epsilon prediction (stateless, no noise), which the engine can also run on the device
+    /// ([`crate::engine::device_step`]); `None` for every other scheduler.
+    fn euler_epsilon(&self, index: usize) -> Option<(f32, f32)> {
+        let _ = index;
+        None
+    }
 }
 
 /// The schedulers this engine offers, by the project's id.
