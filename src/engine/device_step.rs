@@ -11,17 +11,18 @@
 //! prediction runs here (see [`Scheduler::euler_epsilon`](super::scheduler::Scheduler)); a
 //! NaN or infinity is found when the latents come back rather than at the step that made it.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ort::editor::{Graph, Model, Node, Opset, ONNX_DOMAIN};
+use ort::editor::{Graph, Model};
 use ort::memory::{AllocationDevice, Allocator};
-use ort::operator::Attribute;
 use ort::session::IoBinding;
-use ort::value::{DynTensor, Outlet, Shape, SymbolicDimensions, TensorElementType, ValueType};
+use ort::value::{DynTensor, Outlet, TensorElementType};
 
-use super::runtime::{self, SessionOptions};
+use super::built_graph::{
+    add, add_cast, add_concat_rows, add_split, model, tensor_type, BuiltGraphs,
+};
+use super::runtime::SessionOptions;
 use super::session::Component;
 use super::unet::{device_info, upload};
 use super::{tensor, EngineError};
@@ -46,28 +47,6 @@ pub(crate) struct StepSpec {
     pub guidance: bool,
 }
 
-fn tensor_type(elem: TensorElementType, rank: usize) -> ValueType {
-    ValueType::Tensor {
-        ty: elem,
-        shape: Shape::new(vec![-1i64; rank]),
-        dimension_symbols: SymbolicDimensions::empty(rank),
-    }
-}
-
-fn onnx_code(elem: TensorElementType) -> ort::Result<i64> {
-    match elem {
-        TensorElementType::Float32 => Ok(1),
-        TensorElementType::Float16 => Ok(10),
-        other => Err(ort::Error::new(format!(
-            "the device step does not handle {other} tensors"
-        ))),
-    }
-}
-
-fn op(graph: &mut Graph, op: &str, inputs: &[&str], output: &str) -> ort::Result<()> {
-    graph.add_node(Node::new(op, ONNX_DOMAIN, output, inputs, [output], [])?)
-}
-
 /// The step graph: inputs `latents` (float32), `noise_pred` (the UNet's output) and `coef`
 /// (float32 `[g, σ, dt, (σ_next² + 1)^½]`); outputs `latents_out` and `model_input`.
 fn build(spec: StepSpec) -> ort::Result<Model> {
@@ -82,107 +61,48 @@ fn build(spec: StepSpec) -> ort::Result<Model> {
         Outlet::new("latents_out", tensor_type(f32, 4)),
         Outlet::new("model_input", tensor_type(spec.sample, 4)),
     ])?;
-    // Without a `split` input, Split (opset 13 to 17) cuts into equal parts.
-    graph.add_node(Node::new(
-        "Split",
-        ONNX_DOMAIN,
+    add_split(
+        &mut graph,
         "coefficients",
-        ["coef"],
-        ["g", "sigma", "dt", "input_div"],
-        [],
-    )?)?;
+        "coef",
+        &["g", "sigma", "dt", "input_div"],
+    )?;
     let mut pred = "noise_pred";
     if spec.prediction != f32 {
-        graph.add_node(Node::new(
-            "Cast",
-            ONNX_DOMAIN,
-            "pred",
-            ["noise_pred"],
-            ["pred"],
-            [Attribute::new("to", 1i64)?],
-        )?)?;
+        add_cast(&mut graph, "noise_pred", "pred", f32)?;
         pred = "pred";
     }
     let eps = if spec.guidance {
-        graph.add_node(Node::new(
-            "Split",
-            ONNX_DOMAIN,
-            "halves",
-            [pred],
-            ["uncond", "cond"],
-            [],
-        )?)?;
-        op(&mut graph, "Sub", &["cond", "uncond"], "diff")?;
-        op(&mut graph, "Mul", &["g", "diff"], "pull")?;
-        op(&mut graph, "Add", &["uncond", "pull"], "eps")?;
+        add_split(&mut graph, "halves", pred, &["uncond", "cond"])?;
+        add(&mut graph, "Sub", &["cond", "uncond"], "diff")?;
+        add(&mut graph, "Mul", &["g", "diff"], "pull")?;
+        add(&mut graph, "Add", &["uncond", "pull"], "eps")?;
         "eps"
     } else {
         pred
     };
-    op(&mut graph, "Mul", &["sigma", eps], "sigma_eps")?;
-    op(&mut graph, "Sub", &["latents", "sigma_eps"], "x0")?;
-    op(&mut graph, "Sub", &["latents", "x0"], "rise")?;
-    op(&mut graph, "Div", &["rise", "sigma"], "derivative")?;
-    op(&mut graph, "Mul", &["derivative", "dt"], "delta")?;
-    op(&mut graph, "Add", &["latents", "delta"], "latents_out")?;
-    op(&mut graph, "Div", &["latents_out", "input_div"], "scaled")?;
+    add(&mut graph, "Mul", &["sigma", eps], "sigma_eps")?;
+    add(&mut graph, "Sub", &["latents", "sigma_eps"], "x0")?;
+    add(&mut graph, "Sub", &["latents", "x0"], "rise")?;
+    add(&mut graph, "Div", &["rise", "sigma"], "derivative")?;
+    add(&mut graph, "Mul", &["derivative", "dt"], "delta")?;
+    add(&mut graph, "Add", &["latents", "delta"], "latents_out")?;
+    add(&mut graph, "Div", &["latents_out", "input_div"], "scaled")?;
     let mut input = "scaled";
     if spec.guidance {
-        graph.add_node(Node::new(
-            "Concat",
-            ONNX_DOMAIN,
-            "both",
-            ["scaled", "scaled"],
-            ["both"],
-            [Attribute::new("axis", 0i64)?],
-        )?)?;
+        add_concat_rows(&mut graph, &["scaled", "scaled"], "both")?;
         input = "both";
     }
     if spec.sample == f32 {
-        op(&mut graph, "Identity", &[input], "model_input")?;
+        add(&mut graph, "Identity", &[input], "model_input")?;
     } else {
-        graph.add_node(Node::new(
-            "Cast",
-            ONNX_DOMAIN,
-            "model_input",
-            [input],
-            ["model_input"],
-            [Attribute::new("to", onnx_code(spec.sample)?)?],
-        )?)?;
+        add_cast(&mut graph, input, "model_input", spec.sample)?;
     }
-    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17)?])?;
-    model.set_graph(graph)?;
-    Ok(model)
+    model(graph)
 }
 
 /// The step graphs an engine has built, by spec.
-#[derive(Debug, Default)]
-pub(crate) struct StepGraphs {
-    built: Mutex<Vec<(StepSpec, Arc<Component>)>>,
-}
-
-impl StepGraphs {
-    fn get(&self, spec: StepSpec, options: &SessionOptions) -> Result<Arc<Component>, EngineError> {
-        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, graph)) = built.iter().find(|(s, _)| *s == spec) {
-            return Ok(Arc::clone(graph));
-        }
-        let label = PathBuf::from(format!(
-            "<guidance and Euler step{}>",
-            if spec.guidance { "" } else { ", no guidance" }
-        ));
-        let model = build(spec).map_err(|source| EngineError::SessionLoad {
-            path: label.clone(),
-            source,
-        })?;
-        let mut options = *options;
-        options.graph_capture = false;
-        let session = runtime::session_from_model(model, &label, &options)?;
-        let graph = Arc::new(Component::from_session(label, session));
-        built.push((spec, Arc::clone(&graph)));
-        Ok(graph)
-    }
-}
+pub(crate) type StepGraphs = BuiltGraphs<StepSpec>;
 
 /// The latents of one run on the device, and the step graph bound to them and to the UNet.
 pub(crate) struct DeviceStep {
@@ -211,7 +131,11 @@ impl DeviceStep {
             sample: *sample.data_type(),
             guidance,
         };
-        let graph = graphs.get(spec, options)?;
+        let label = || {
+            let guidance = if spec.guidance { "" } else { ", no guidance" };
+            format!("guidance and Euler step{guidance}")
+        };
+        let graph = graphs.get(&spec, options, label, |spec| build(*spec))?;
         let parts = graph
             .with_session(|session| -> ort::Result<_> {
                 let allocator = Allocator::new(session, device_info(device_id)?)?;

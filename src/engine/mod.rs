@@ -7,6 +7,7 @@
 //! [`GenerateRequest`] and get back images and timings.
 
 pub mod batch;
+mod built_graph;
 pub mod canny;
 pub mod control_image;
 pub mod controlnet;

@@ -9,14 +9,15 @@
 //! `r{u}_{k}` (residual `k` of active ControlNet `u`). Outputs: `o{k}`, one per UNet residual.
 //! One graph is built per [`MixerSpec`] and kept by the engine.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use ort::editor::{Graph, Model, Node, Opset, ONNX_DOMAIN};
-use ort::operator::Attribute;
-use ort::value::{Outlet, Shape, SymbolicDimensions, TensorElementType, ValueType};
+use ort::editor::{Graph, Model};
+use ort::value::{Outlet, TensorElementType};
 
-use crate::engine::runtime::{self, SessionOptions};
+use crate::engine::built_graph::{
+    add, add_cast, add_concat_rows, add_split, model, tensor_type, BuiltGraphs,
+};
+use crate::engine::runtime::SessionOptions;
 use crate::engine::session::Component;
 use crate::engine::EngineError;
 
@@ -42,42 +43,6 @@ pub(crate) struct MixerSpec {
     pub outputs: Vec<TensorElementType>,
     /// Whether zero rows come first (guess mode under guidance).
     pub zero_negative: bool,
-}
-
-/// The ONNX `TensorProto` code of a floating-point element type.
-fn onnx_code(elem: TensorElementType) -> ort::Result<i64> {
-    match elem {
-        TensorElementType::Float32 => Ok(1),
-        TensorElementType::Float16 => Ok(10),
-        TensorElementType::Float64 => Ok(11),
-        TensorElementType::Bfloat16 => Ok(16),
-        other => Err(ort::Error::new(format!(
-            "the residual mixer does not handle {other} residuals"
-        ))),
-    }
-}
-
-fn tensor_type(elem: TensorElementType, rank: usize) -> ValueType {
-    ValueType::Tensor {
-        ty: elem,
-        shape: Shape::new(vec![-1i64; rank]),
-        dimension_symbols: SymbolicDimensions::empty(rank),
-    }
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> ort::Result<Node> {
-    Node::new(op, ONNX_DOMAIN, name, inputs, [output], [])
-}
-
-fn cast(name: &str, input: &str, output: &str, to: TensorElementType) -> ort::Result<Node> {
-    Node::new(
-        "Cast",
-        ONNX_DOMAIN,
-        name,
-        [input],
-        [output],
-        [Attribute::new("to", onnx_code(to)?)?],
-    )
 }
 
 /// The mixer graph for `spec`.
@@ -108,14 +73,8 @@ pub(crate) fn build(spec: &MixerSpec) -> ort::Result<Model> {
     )?;
     // Without a `split` input, Split (opset 13 to 17) cuts `scales` into one value per output.
     let scale_names: Vec<String> = (0..units * slots).map(|j| format!("s{j}")).collect();
-    graph.add_node(Node::new(
-        "Split",
-        ONNX_DOMAIN,
-        "split_scales",
-        [SCALES],
-        &scale_names,
-        [],
-    )?)?;
+    let scale_refs: Vec<&str> = scale_names.iter().map(String::as_str).collect();
+    add_split(&mut graph, "split_scales", SCALES, &scale_refs)?;
     // The arithmetic is float32 whatever the residuals' types, as on the host path: the
     // inputs are cast up, the result is cast once to what the UNet takes.
     for (k, &out_elem) in spec.outputs.iter().enumerate() {
@@ -124,17 +83,17 @@ pub(crate) fn build(spec: &MixerSpec) -> ort::Result<Model> {
             let mut residual = input_name(u, k);
             if elems[k] != TensorElementType::Float32 {
                 let cast_name = format!("c{u}_{k}");
-                graph.add_node(cast(
-                    &cast_name,
+                add_cast(
+                    &mut graph,
                     &residual,
                     &cast_name,
                     TensorElementType::Float32,
-                )?)?;
+                )?;
                 residual = cast_name;
             }
             let term = format!("m{u}_{k}");
             let scale = &scale_names[u * slots + k];
-            graph.add_node(node("Mul", &term, &[&residual, scale], &term)?)?;
+            add(&mut graph, "Mul", &[&residual, scale], &term)?;
             terms.push(term);
         }
         let mut sum = if units == 1 {
@@ -142,42 +101,33 @@ pub(crate) fn build(spec: &MixerSpec) -> ort::Result<Model> {
         } else {
             let sum = format!("sum{k}");
             let refs: Vec<&str> = terms.iter().map(String::as_str).collect();
-            graph.add_node(node("Sum", &sum, &refs, &sum)?)?;
+            add(&mut graph, "Sum", &refs, &sum)?;
             sum
         };
         if spec.zero_negative {
             let shape = format!("shape{k}");
-            graph.add_node(node("Shape", &shape, &[&sum], &shape)?)?;
+            add(&mut graph, "Shape", &[&sum], &shape)?;
             // ConstantOfShape makes float32 zeros unless told otherwise.
             let zeros = format!("zeros{k}");
-            graph.add_node(node("ConstantOfShape", &zeros, &[&shape], &zeros)?)?;
+            add(&mut graph, "ConstantOfShape", &[&shape], &zeros)?;
             let full = format!("full{k}");
-            graph.add_node(Node::new(
-                "Concat",
-                ONNX_DOMAIN,
-                full.as_str(),
-                [zeros.as_str(), sum.as_str()],
-                [full.as_str()],
-                [Attribute::new("axis", 0i64)?],
-            )?)?;
+            add_concat_rows(&mut graph, &[&zeros, &sum], &full)?;
             sum = full;
         }
         let out = output_name(k);
         if out_elem == TensorElementType::Float32 {
-            graph.add_node(node("Identity", &out, &[&sum], &out)?)?;
+            add(&mut graph, "Identity", &[&sum], &out)?;
         } else {
-            graph.add_node(cast(&out, &sum, &out, out_elem)?)?;
+            add_cast(&mut graph, &sum, &out, out_elem)?;
         }
     }
-    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17)?])?;
-    model.set_graph(graph)?;
-    Ok(model)
+    model(graph)
 }
 
 /// The mixer sessions an engine has built, by spec.
 #[derive(Debug, Default)]
 pub(crate) struct Mixers {
-    built: Mutex<Vec<(MixerSpec, Arc<Component>)>>,
+    built: BuiltGraphs<MixerSpec>,
 }
 
 impl Mixers {
@@ -187,30 +137,19 @@ impl Mixers {
         spec: &MixerSpec,
         options: &SessionOptions,
     ) -> Result<Arc<Component>, EngineError> {
-        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, mixer)) = built.iter().find(|(s, _)| s == spec) {
-            return Ok(Arc::clone(mixer));
-        }
-        let label = PathBuf::from(format!(
-            "<ControlNet residual mixer: {} ControlNet(s), {} residuals{}>",
-            spec.inputs.len(),
-            spec.outputs.len(),
-            if spec.zero_negative {
-                ", guess mode"
-            } else {
-                ""
-            }
-        ));
-        let model = build(spec).map_err(|source| EngineError::SessionLoad {
-            path: label.clone(),
-            source,
-        })?;
-        let mut options = *options;
-        options.graph_capture = false;
-        let session = runtime::session_from_model(model, &label, &options)?;
-        let mixer = Arc::new(Component::from_session(label, session));
-        built.push((spec.clone(), Arc::clone(&mixer)));
-        Ok(mixer)
+        let label = || {
+            format!(
+                "ControlNet residual mixer: {} ControlNet(s), {} residuals{}",
+                spec.inputs.len(),
+                spec.outputs.len(),
+                if spec.zero_negative {
+                    ", guess mode"
+                } else {
+                    ""
+                }
+            )
+        };
+        self.built.get(spec, options, label, build)
     }
 }
 
