@@ -82,7 +82,6 @@ def controlnet_steps(unet, controlnet, rows):
 
 
 def measure(out_dir, runs):
-    import diffusers
     from diffusers import StableDiffusionXLControlNetPipeline
 
     started = time.perf_counter()
@@ -92,12 +91,7 @@ def measure(out_dir, runs):
     controlnet.to(torch.float16)
     pipe.set_progress_bar_config(disable=True)
     report = {
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "cuda": torch.version.cuda,
-        "build_s": time.perf_counter() - started,
-        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        **torch_bench.run_facts(pipe, started),
         "controlnet_parameters": sum(p.numel() for p in controlnet.parameters()),
     }
     report["unet_step_b2"] = torch_bench.time_unet(pipe.unet, 2, warmup=3, iters=20)

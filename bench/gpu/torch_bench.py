@@ -110,6 +110,20 @@ def time_pipeline(pipe, images, runs, **extra):
     }
 
 
+def run_facts(pipe, started):
+    """The GPU, library versions, build time and UNet size a report starts with."""
+    import diffusers
+
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
+        "build_s": time.perf_counter() - started,
+        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["eager", "compile"], required=True)
@@ -118,21 +132,11 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    import diffusers
-
     started = time.perf_counter()
     pipe = full_sdxl.build("cuda")
     pipe.to(torch.float16)
     pipe.set_progress_bar_config(disable=True)
-    report = {
-        "mode": args.mode,
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "cuda": torch.version.cuda,
-        "build_s": time.perf_counter() - started,
-        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
-    }
+    report = {"mode": args.mode, **run_facts(pipe, started)}
     if args.mode == "compile":
         started = time.perf_counter()
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
