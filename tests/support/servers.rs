@@ -247,6 +247,22 @@ impl PrivateRabbit {
         lines
     }
 
+    /// Whether the node's log reports that it took back a delivery left unacknowledged past
+    /// the consumer timeout (and closed the consumer's channel).
+    pub fn logged_consumer_timeout(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) else {
+            return false;
+        };
+        entries.flatten().any(|entry| {
+            std::fs::read_to_string(entry.path()).is_ok_and(|text| {
+                text.lines().any(|line| {
+                    let line = line.to_ascii_lowercase();
+                    line.contains("timed out") && line.contains("acknowledgement")
+                })
+            })
+        })
+    }
+
     /// `rabbitmqctl stop_app`: every connection is closed and the AMQP port shuts.
     pub fn stop_app(&self) {
         self.ctl(&["stop_app"]);
