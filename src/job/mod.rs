@@ -18,6 +18,7 @@
 //! - `refiner` hands the end of the schedule to the model's configured refiner (see
 //!   [`refiner`]).
 
+mod checker;
 pub mod controlnet;
 pub mod image;
 pub mod refiner;

@@ -85,7 +85,7 @@ pub(super) fn check(
         errors.push(FieldError::new(
             "refiner",
             codes::WRONG_TYPE,
-            format!("expected an object, found {}", super::validate::kind(value)),
+            format!("expected an object, found {}", super::checker::kind(value)),
         ));
         return None;
     };
@@ -156,7 +156,7 @@ fn number(fields: &Map<String, Value>, name: &str, errors: &mut Vec<FieldError>)
         errors.push(FieldError::new(
             format!("refiner.{name}"),
             codes::WRONG_TYPE,
-            format!("expected a number, found {}", super::validate::kind(value)),
+            format!("expected a number, found {}", super::checker::kind(value)),
         ));
     }
     number

@@ -7,9 +7,10 @@
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::checker::{as_integer, kind, Checker};
 use super::{codes, FieldError, JobMessage, JobRejection, ValidJob};
 use crate::config::{ControlNetConfig, Limits, ModelsConfig, FALLBACK_SIDE};
-use crate::engine::{PredictionType, SchedulerKind, SchedulerOverrides, TimestepSpacing};
+use crate::engine::{SchedulerKind, SchedulerOverrides};
 use crate::styles::StyleCatalog;
 
 /// An oversized body is still scanned for its id (to record a `failed` row) up to this many
@@ -119,57 +120,7 @@ pub(crate) fn parse_uuid(text: &str) -> Option<Uuid> {
     Uuid::try_parse(text).ok()
 }
 
-pub(super) fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(n) if n.is_f64() => "a number",
-        Value::Number(_) => "an integer",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// An integer value of any size: JSON integers and numbers with no fractional part (as JSON
-/// Schema counts them). `None` when the value is not integral.
-fn as_integer(value: &Value) -> Option<i128> {
-    let Value::Number(n) = value else { return None };
-    if let Some(u) = n.as_u64() {
-        return Some(i128::from(u));
-    }
-    if let Some(i) = n.as_i64() {
-        return Some(i128::from(i));
-    }
-    let x = n.as_f64()?;
-    if x.fract() != 0.0 || !x.is_finite() {
-        return None;
-    }
-    // Saturate: anything this large is out of every range anyway.
-    Some(x.clamp(i128::MIN as f64, i128::MAX as f64) as i128)
-}
-
-struct Checker<'a> {
-    obj: &'a Map<String, Value>,
-    errors: Vec<FieldError>,
-    controlnet: &'a ControlNetConfig,
-}
-
 impl<'a> Checker<'a> {
-    fn push(&mut self, field: &str, code: &str, message: impl Into<String>) {
-        self.errors.push(FieldError::new(field, code, message));
-    }
-
-    /// The field's value; `null` counts as absent.
-    fn get(&self, field: &str) -> Option<&'a Value> {
-        self.obj.get(field).filter(|v| !v.is_null())
-    }
-
-    fn wrong_type(&mut self, field: &str, expected: &str, found: &Value) {
-        let message = format!("expected {expected}, found {}", kind(found));
-        self.push(field, codes::WRONG_TYPE, message);
-    }
-
     /// `false` when the version is absent, mistyped or unsupported (other fields are then not
     /// checked: they belong to a contract this build does not know).
     fn version(&mut self) -> bool {
@@ -202,119 +153,6 @@ impl<'a> Checker<'a> {
             let message = format!("{field:?} is not a field of job messages version 1");
             self.push(&field, codes::UNKNOWN_FIELD, message);
         }
-    }
-
-    fn string(&mut self, field: &str, max_chars: usize) -> Option<String> {
-        let value = self.get(field)?;
-        let Value::String(text) = value else {
-            self.wrong_type(field, "a string", value);
-            return None;
-        };
-        if text.contains('\0') {
-            self.push(
-                field,
-                codes::INVALID_VALUE,
-                "text must not contain NUL characters",
-            );
-            return None;
-        }
-        let chars = text.chars().count();
-        if chars > max_chars {
-            let message = format!("{chars} characters; at most {max_chars} are accepted");
-            self.push(field, codes::TOO_LONG, message);
-            return None;
-        }
-        Some(text.clone())
-    }
-
-    fn boolean(&mut self, field: &str) -> Option<bool> {
-        let value = self.get(field)?;
-        match value {
-            Value::Bool(b) => Some(*b),
-            other => {
-                self.wrong_type(field, "true or false", other);
-                None
-            }
-        }
-    }
-
-    fn integer(&mut self, field: &str, min: u64, max: u64) -> Option<u64> {
-        let value = self.get(field)?;
-        let Some(n) = as_integer(value) else {
-            self.wrong_type(field, "an integer", value);
-            return None;
-        };
-        if n < i128::from(min) || n > i128::from(max) {
-            let message = format!("{n} is outside {min}..={max}");
-            self.push(field, codes::OUT_OF_RANGE, message);
-            return None;
-        }
-        u64::try_from(n).ok()
-    }
-
-    fn number(&mut self, field: &str, min: f64, max: f64) -> Option<f64> {
-        let value = self.get(field)?;
-        let Some(x) = value.as_f64() else {
-            self.wrong_type(field, "a number", value);
-            return None;
-        };
-        if !(min..=max).contains(&x) {
-            let message = format!("{x} is outside {min}..={max}");
-            self.push(field, codes::OUT_OF_RANGE, message);
-            return None;
-        }
-        Some(x)
-    }
-
-    fn side(&mut self, field: &str, limits: &Limits) -> Option<u32> {
-        let min = u64::from(limits.min_side);
-        let max = u64::from(limits.max_side);
-        let n = self.integer(field, min, max)? as u32;
-        if !n.is_multiple_of(8) {
-            self.push(
-                field,
-                codes::NOT_MULTIPLE_OF_8,
-                format!("{n} is not a multiple of 8"),
-            );
-            return None;
-        }
-        Some(n)
-    }
-
-    /// A two-item array of integers within `min..=max` (`what` names the items).
-    fn pair(&mut self, field: &str, min: u32, what: &str) -> Option<[u32; 2]> {
-        let value = self.get(field)?;
-        let Value::Array(items) = value else {
-            self.wrong_type(field, &format!("an array {what}"), value);
-            return None;
-        };
-        if items.len() != 2 {
-            let message = format!("expected 2 items {what}, found {}", items.len());
-            self.push(field, codes::WRONG_LENGTH, message);
-            return None;
-        }
-        let max = super::MAX_CONDITIONING_SIDE;
-        let mut out = [0u32; 2];
-        let mut ok = true;
-        for (i, item) in items.iter().enumerate() {
-            let path = format!("{field}[{i}]");
-            match as_integer(item) {
-                Some(n) if n >= i128::from(min) && n <= i128::from(max) => out[i] = n as u32,
-                Some(n) => {
-                    self.push(
-                        &path,
-                        codes::OUT_OF_RANGE,
-                        format!("{n} is outside {min}..={max}"),
-                    );
-                    ok = false;
-                }
-                None => {
-                    self.wrong_type(&path, "an integer", item);
-                    ok = false;
-                }
-            }
-        }
-        ok.then_some(out)
     }
 
     fn fields(&mut self, id: Uuid, limits: &Limits, models: &ModelsConfig) -> Option<ValidJob> {
@@ -574,26 +412,6 @@ impl<'a> Checker<'a> {
         (self.errors.len() == before).then_some(out)
     }
 
-    /// A string naming one variant of a snake_case serde enum.
-    fn choice<T: serde::de::DeserializeOwned + Choices>(
-        &mut self,
-        path: &str,
-        item: &Value,
-    ) -> Option<T> {
-        let Value::String(text) = item else {
-            self.wrong_type(path, "a string", item);
-            return None;
-        };
-        match serde_json::from_value::<T>(item.clone()) {
-            Ok(v) => Some(v),
-            Err(_) => {
-                let message = format!("{text:?} is not one of: {}", T::CHOICES.join(", "));
-                self.push(path, codes::INVALID_VALUE, message);
-                None
-            }
-        }
-    }
-
     fn metadata(&mut self, limits: &Limits) -> Option<Map<String, Value>> {
         let value = self.get("metadata")?;
         let Value::Object(map) = value else {
@@ -628,19 +446,6 @@ fn contains_nul(value: &Value) -> bool {
         Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
         Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
-}
-
-/// The allowed strings of an enum field.
-pub(crate) trait Choices {
-    const CHOICES: &'static [&'static str];
-}
-
-impl Choices for TimestepSpacing {
-    const CHOICES: &'static [&'static str] = &["leading", "trailing", "linspace"];
-}
-
-impl Choices for PredictionType {
-    const CHOICES: &'static [&'static str] = &["epsilon", "v_prediction"];
 }
 
 /// A random seed below [`super::DRAWN_SEED_BOUND`].

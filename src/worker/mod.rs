@@ -23,6 +23,7 @@ mod image_input;
 mod intake;
 mod lease;
 pub mod model_cache;
+mod output;
 mod process;
 pub mod result_cache;
 mod run;
