@@ -5,9 +5,10 @@
 #
 # - installs ONNX Runtime's CPU library (scripts/setup-ort.sh) and points ORT_DYLIB_PATH at it;
 # - installs the Python tools the tests drive (moto's S3 server, pika, jsonschema,
-#   openapi-spec-validator) and Debian's chromium (the status page test) when they are missing;
+#   openapi-spec-validator, onnx and onnxruntime) and Debian's chromium (the status page test)
+#   when they are missing;
 # - starts the local PostgreSQL and RabbitMQ when they do not answer;
-# - runs `cargo test --all-targets`.
+# - runs `cargo test --all-targets`, then the Python tests of the ONNX tools (onnx/test_*.py).
 #
 # Tests use their own queue prefixes, database schemas and storage prefixes, so they run in
 # parallel against the same servers. SDXL_TEST_DATABASE_URL and SDXL_TEST_BROKER_URL point them
@@ -30,6 +31,9 @@ python3 -c "import moto.server, flask_cors" 2>/dev/null || missing+=("moto[serve
 python3 -c "import pika" 2>/dev/null || missing+=("pika")
 python3 -c "import jsonschema" 2>/dev/null || missing+=("jsonschema")
 python3 -c "import openapi_spec_validator" 2>/dev/null || missing+=("openapi-spec-validator")
+# The exporter's graph pass (onnx/test_*.py), with the versions of onnx/requirements.txt.
+python3 -c "import onnx.shape_inference, onnxruntime, numpy" 2>/dev/null \
+  || missing+=("onnx==1.23.2" "onnxruntime==1.31.1" "numpy==2.3.5")
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "Installing ${missing[*]} ..."
   python3 -m pip install -q "${missing[@]}"
@@ -65,3 +69,4 @@ if [ -z "${SDXL_TEST_BROKER_URL:-}" ] && ! port_open 5672; then
 fi
 
 cargo test --all-targets "$@"
+python3 -m unittest discover -s onnx -p "test_*.py"
