@@ -18,6 +18,7 @@ its width (13,744 exported nodes): the fused float16 graph is the same as withou
 pass, node for node and constant for constant, bit for bit, but for the scales of the two Resize
 nodes, which stay float32 initializers instead of float16 constants cast back to float32 (the
 same values, 1, 1, 2, 2). Fusing and converting it took 247 s instead of 350 s there (2-core CPU).
+The five graphs of the tiny test pipeline, fused in float32 and in float16, compare the same way.
 """
 
 import onnx
