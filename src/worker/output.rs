@@ -179,9 +179,9 @@ impl PngFailure {
     }
 }
 
-/// Encodes every image as PNG with A1111 parameters, on the blocking pool.
-/// PNG-encode the images with their A1111 `parameters` text (`refiner`: the refiner's name and
-/// hand-off, written as A1111's "Refiner" and "Refiner switch at").
+/// Encodes every image as PNG with its A1111 `parameters` text, on the blocking pool
+/// (`refiner`: the refiner's name and hand-off, written as A1111's "Refiner" and "Refiner switch
+/// at").
 async fn encode_images(
     request: &GenerateRequest,
     model: &str,
