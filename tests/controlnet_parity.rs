@@ -285,6 +285,26 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
             }
         }
     }
+    // A run without ControlNets after those: the residual buffers the ControlNets wrote into
+    // (kept from run to run by the static-shape sessions) read as zeros again.
+    let request = request_of(&manifest.cases[0], &dir);
+    let plain = |engine: &Engine| {
+        engine
+            .generate(&request, &mut |_| ControlFlow::Continue(()))
+            .expect("generate without ControlNets")
+    };
+    let expected = plain(&host);
+    for (what, engine) in &engines {
+        let got = plain(engine);
+        let diff = max_diff(&expected.latents, &got.latents);
+        let exact = *what == "bound" && common::test_device() == Device::Cpu;
+        if (exact && got.latents != expected.latents) || diff > 1e-4 {
+            failures.push(format!(
+                "{what}, no ControlNet after ControlNet runs: latents differ from the host path \
+                 by {diff:e}"
+            ));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -1,6 +1,6 @@
 //! Small ONNX graphs the engine builds in memory with ONNX Runtime's model editor (the ControlNet
-//! residual mixer, the device step), the helpers that write their nodes, and the per-engine
-//! cache of their sessions by what each was built for.
+//! residual mixer, the device step, the zero fill), the helpers that write their nodes, and the
+//! per-engine cache of their sessions by what each was built for.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -125,5 +125,11 @@ impl<S: Clone + PartialEq> BuiltGraphs<S> {
         let graph = Arc::new(Component::from_session(label, session));
         built.push((spec.clone(), Arc::clone(&graph)));
         Ok(graph)
+    }
+
+    /// How many graphs have been built.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.built.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }

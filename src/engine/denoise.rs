@@ -59,9 +59,12 @@ impl Engine {
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
         // With the UNet's inputs on the device, the ControlNets run there too.
         let mut on_device = match runner.device_id() {
-            Some(id) if control.has_units() => {
-                Some(control.bind_device(id, &self.mixers, self.session_options())?)
-            }
+            Some(id) if control.has_units() => Some(control.bind_device(
+                id,
+                &self.mixers,
+                &self.zero_graphs,
+                self.session_options(),
+            )?),
             _ => None,
         };
         if on_device.is_none() && self.steps_on_device(state, scheduler, start, end) {

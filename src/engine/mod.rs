@@ -33,6 +33,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod unet_inputs;
 pub mod vae;
+mod zero_fill;
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -81,6 +82,8 @@ pub struct Engine {
     mixers: controlnet::Mixers,
     /// Guidance-and-Euler step graphs ([`CudaOptions::device_step`](cuda::CudaOptions)).
     step_graphs: device_step::StepGraphs,
+    /// Graphs that zero bound buffers in place (the residuals of a residual UNet).
+    zero_graphs: zero_fill::ZeroGraphs,
 }
 
 /// Where an engine runs its ONNX Runtime sessions.

@@ -76,6 +76,7 @@ impl Engine {
             graph_unets: Default::default(),
             mixers: Default::default(),
             step_graphs: Default::default(),
+            zero_graphs: Default::default(),
         })
     }
 

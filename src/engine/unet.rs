@@ -5,7 +5,8 @@
 //! - **Device**: on CUDA, the step's inputs live in device buffers bound once to the session.
 //!   The text conditioning is copied to the device once per run; each step copies only the
 //!   latent batch and the timestep in and the prediction out. A residual UNet's ControlNet
-//!   inputs are device buffers too, written in place by the ControlNet side
+//!   inputs are device buffers too, zeroed on the device at the start of each run
+//!   ([`super::zero_fill`]) and written in place by the ControlNet side
 //!   ([`residual_buffers`](UnetRunner::residual_buffers)). With CUDA graphs on, the buffers
 //!   belong to a static-shape UNet session per (batch, height, width, sequence) kept by the
 //!   engine, because a captured graph replays against the addresses it was captured with.
@@ -19,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, SessionInputValue};
-use ort::value::{DynTensor, DynTensorValueType, DynValue};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
 
 use super::model::{TimestepInput, Unet};
+use super::runtime::SessionOptions;
 use super::session::Component;
+use super::zero_fill::{self, ZeroGraphs};
 use super::{tensor, Device, Engine, EngineError};
 
 const UNET: &str = "UNet";
@@ -51,9 +54,9 @@ struct Bound {
     hidden: DynTensor,
     text_embeds: DynTensor,
     time_ids: DynTensor,
-    /// Inputs that stay the same for the whole run besides the conditioning (the zero
-    /// ControlNet residuals of a residual UNet run without ControlNets).
-    constants: Vec<DynTensor>,
+    /// The ControlNet residual inputs of a residual UNet: zeroed for every run, then written in
+    /// place by the ControlNet side at the steps where a ControlNet is active.
+    residuals: Vec<DynTensor>,
     out: DynTensor,
     // Dropped after the tensors it allocated.
     _allocator: Allocator,
@@ -86,13 +89,21 @@ impl std::fmt::Debug for GraphSessions {
     }
 }
 
-/// The text conditioning and micro-conditioning of a run, as host values, and any other input
-/// that stays the same for every step.
+/// The text conditioning and micro-conditioning of a run, as host values, and the ControlNet
+/// residual inputs a residual UNet takes.
 pub(super) struct UnetConditioning<'a> {
     pub encoder_hidden_states: &'a DynValue,
     pub text_embeds: &'a DynValue,
     pub time_ids: &'a DynValue,
-    pub constants: Vec<(&'a str, &'a DynValue)>,
+    pub residuals: Vec<ResidualInput<'a>>,
+}
+
+/// One ControlNet residual input of a residual UNet, for this run's batch and size. On the
+/// device path it is a bound buffer, zeroed where it lives at the start of every run.
+pub(crate) struct ResidualInput<'a> {
+    pub name: &'a str,
+    pub elem: TensorElementType,
+    pub dims: Vec<i64>,
 }
 
 /// What one step returns: the prediction as `f32`, the time inside ONNX Runtime and the time
@@ -170,10 +181,10 @@ impl Bound {
             let hidden = like(conditioning.encoder_hidden_states)?;
             let text_embeds = like(conditioning.text_embeds)?;
             let time_ids = like(conditioning.time_ids)?;
-            let constants = conditioning
-                .constants
+            let residuals = conditioning
+                .residuals
                 .iter()
-                .map(|(_, v)| like(v))
+                .map(|r| DynTensor::new(&allocator, r.elem, r.dims.clone()))
                 .collect::<ort::Result<Vec<_>>>()?;
             let out = DynTensor::new(&allocator, unet.sample.elem, sample_shape.to_vec())?;
             let mut binding = session.create_binding()?;
@@ -182,8 +193,8 @@ impl Bound {
             binding.bind_input("encoder_hidden_states", &hidden)?;
             binding.bind_input("text_embeds", &text_embeds)?;
             binding.bind_input("time_ids", &time_ids)?;
-            for ((name, _), tensor) in conditioning.constants.iter().zip(&constants) {
-                binding.bind_input(*name, tensor)?;
+            for (input, tensor) in conditioning.residuals.iter().zip(&residuals) {
+                binding.bind_input(input.name, tensor)?;
             }
             let mut bound = Self {
                 binding,
@@ -192,7 +203,7 @@ impl Bound {
                 hidden,
                 text_embeds,
                 time_ids,
-                constants,
+                residuals,
                 out,
                 _allocator: allocator,
             };
@@ -201,14 +212,17 @@ impl Bound {
         })
     }
 
-    fn upload_conditioning(&mut self, conditioning: &UnetConditioning<'_>) -> ort::Result<()> {
-        upload(conditioning.encoder_hidden_states, &mut self.hidden)?;
-        upload(conditioning.text_embeds, &mut self.text_embeds)?;
-        upload(conditioning.time_ids, &mut self.time_ids)?;
-        for ((_, host), device) in conditioning.constants.iter().zip(&mut self.constants) {
-            upload(host, device)?;
-        }
-        Ok(())
+    /// Copy a run's conditioning to the device and zero the residual inputs there.
+    fn prepare_run(
+        &mut self,
+        conditioning: &UnetConditioning<'_>,
+        zeros: &ZeroGraphs,
+        options: &SessionOptions,
+    ) -> Result<(), EngineError> {
+        upload(conditioning.encoder_hidden_states, &mut self.hidden).map_err(unet_err)?;
+        upload(conditioning.text_embeds, &mut self.text_embeds).map_err(unet_err)?;
+        upload(conditioning.time_ids, &mut self.time_ids).map_err(unet_err)?;
+        zero_fill::fill(zeros, options, &mut self.residuals, UNET)
     }
 
     /// Run the UNet on what the sample buffer holds at timestep `t`; only the timestep is
@@ -333,22 +347,21 @@ impl<'e> UnetRunner<'e> {
             mode,
             device_id: Some(device_id),
         };
-        runner.upload_conditioning()?;
-        Ok(runner)
-    }
-
-    fn upload_conditioning(&mut self) -> Result<(), EngineError> {
-        let conditioning = &self.conditioning;
-        match &mut self.mode {
-            Mode::Host => Ok(()),
-            Mode::Device(bound) => bound.upload_conditioning(conditioning).map_err(unet_err),
-            Mode::Graph(guard) => guard
-                .last_mut()
-                .expect("the graph session in use is the last one")
-                .bound
-                .upload_conditioning(conditioning)
-                .map_err(unet_err),
+        let bound = match &mut runner.mode {
+            Mode::Host => None,
+            Mode::Device(bound) => Some(&mut **bound),
+            Mode::Graph(guard) => Some(
+                &mut guard
+                    .last_mut()
+                    .expect("the graph session in use is the last one")
+                    .bound,
+            ),
+        };
+        if let Some(bound) = bound {
+            let options = engine.session_options();
+            bound.prepare_run(&runner.conditioning, &engine.zero_graphs, &options)?;
         }
+        Ok(runner)
     }
 
     /// The device the UNet's inputs are bound on (negative: the CPU), or `None` on the host
@@ -362,13 +375,13 @@ impl<'e> UnetRunner<'e> {
     pub(super) fn residual_buffers(&mut self) -> &mut [DynTensor] {
         match &mut self.mode {
             Mode::Host => &mut [],
-            Mode::Device(bound) => &mut bound.constants,
+            Mode::Device(bound) => &mut bound.residuals,
             Mode::Graph(guard) => {
                 &mut guard
                     .last_mut()
                     .expect("the graph session in use is the last one")
                     .bound
-                    .constants
+                    .residuals
             }
         }
     }

@@ -113,14 +113,14 @@ impl ConditioningRows {
 }
 
 impl UnetConstants {
-    /// These inputs, with the zero residuals a residual UNet gets without ControlNets, as the
-    /// runner's per-run conditioning.
+    /// These inputs, with the residual inputs of a residual UNet, as the runner's per-run
+    /// conditioning.
     pub(super) fn conditioning<'c>(&'c self, control: &'c ControlRun<'_>) -> UnetConditioning<'c> {
         UnetConditioning {
             encoder_hidden_states: &self.encoder_hidden_states,
             text_embeds: &self.text_embeds,
             time_ids: &self.time_ids,
-            constants: control.zero_inputs(),
+            residuals: control.residual_inputs(),
         }
     }
 

@@ -5,7 +5,8 @@
 //! latent batch and the timestep cross to the device; nothing comes back.
 //!
 //! At steps where no ControlNet is active the UNet's residual buffers must hold zeros again:
-//! they are refilled from the host once, when the last ControlNet switches off.
+//! they are zeroed on the device ([`crate::engine::zero_fill`]) once, when the last ControlNet
+//! switches off.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::engine::runtime::SessionOptions;
 use crate::engine::session::Component;
 use crate::engine::unet::{device_info, upload};
 use crate::engine::unet_inputs::timestep_value;
+use crate::engine::zero_fill::{self, ZeroGraphs};
 use crate::engine::{tensor, EngineError};
 
 fn control_err(source: ort::Error) -> EngineError {
@@ -55,6 +57,7 @@ pub(crate) struct DeviceControl<'r, 'a> {
     units: Vec<BoundUnit>,
     mixes: Vec<Mix>,
     mixers: &'r Mixers,
+    zeros: &'r ZeroGraphs,
     options: SessionOptions,
     /// Whether the UNet's residual buffers hold something other than zeros.
     dirty: bool,
@@ -67,6 +70,7 @@ impl<'a> ControlRun<'a> {
         &'r self,
         device_id: i32,
         mixers: &'r Mixers,
+        zeros: &'r ZeroGraphs,
         options: SessionOptions,
     ) -> Result<DeviceControl<'r, 'a>, EngineError> {
         let units = self
@@ -79,6 +83,7 @@ impl<'a> ControlRun<'a> {
             units,
             mixes: Vec::new(),
             mixers,
+            zeros,
             options,
             dirty: false,
         })
@@ -176,9 +181,7 @@ impl DeviceControl<'_, '_> {
         let started = Instant::now();
         if active.is_empty() {
             if self.dirty {
-                for (host, device) in run.zeros.iter().zip(residuals.iter_mut()) {
-                    upload(host, device).map_err(control_err)?;
-                }
+                zero_fill::fill(self.zeros, &self.options, residuals, CONTROLNET)?;
                 self.dirty = false;
                 *spent += started.elapsed();
             }

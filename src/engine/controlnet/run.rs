@@ -2,6 +2,7 @@
 //! ControlNet evaluations and the scaled, summed residuals the UNet takes (zeros at steps where
 //! no ControlNet is active, and for the negative rows in guess mode).
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ort::session::SessionInputValue;
@@ -13,6 +14,7 @@ use super::{
 };
 use crate::engine::pipeline::RunShape;
 use crate::engine::text::{Conditioning, Embedding};
+use crate::engine::unet::ResidualInput;
 use crate::engine::unet_inputs::{time_ids, timestep_value};
 use crate::engine::{tensor, EngineError, GenerateRequest};
 
@@ -35,8 +37,9 @@ pub(crate) struct ControlRun<'a> {
     pub(super) guess: bool,
     pub(super) guidance: bool,
     pub(super) shape: RunShape,
-    /// Zero residuals, one per UNet residual input (none for a plain UNet).
-    pub(super) zeros: Vec<DynValue>,
+    /// Zero residuals on the host, one per UNet residual input (none for a plain UNet), made
+    /// on first use: only the host path needs them.
+    zeros: OnceLock<Vec<DynValue>>,
 }
 
 impl<'a> ControlRun<'a> {
@@ -119,38 +122,47 @@ impl<'a> ControlRun<'a> {
                 end: unit.guidance_end,
             });
         }
-        let mut zeros = Vec::new();
-        if let Some(slots) = slots {
-            for slot in slots.down.iter().chain(std::iter::once(&slots.mid)) {
-                let dims = slot.shape(rows, shape.latent_h, shape.latent_w);
-                let data = vec![0.0f32; dims.iter().product()];
-                let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-                zeros.push(tensor::float_value(slot.info.elem, &dims, &data).map_err(unet_err)?);
-            }
-        }
         Ok(Self {
             slots,
             units,
             guess,
             guidance: shape.guidance,
             shape: *shape,
-            zeros,
+            zeros: OnceLock::new(),
         })
     }
 
-    /// The residual inputs with every residual zero (none for a plain UNet): what a residual
-    /// UNet gets at steps where no ControlNet is active.
-    pub(crate) fn zero_inputs(&self) -> Vec<(&'a str, &DynValue)> {
-        let Some(slots) = self.slots else {
-            return Vec::new();
-        };
-        slots
-            .down
-            .iter()
-            .chain(std::iter::once(&slots.mid))
-            .map(|s| s.name.as_str())
-            .zip(&self.zeros)
+    /// The UNet's residual inputs for this run's batch and size (none for a plain UNet).
+    pub(crate) fn residual_inputs(&self) -> Vec<ResidualInput<'a>> {
+        let shape = self.shape;
+        self.slot_list()
+            .into_iter()
+            .map(|slot| ResidualInput {
+                name: slot.name.as_str(),
+                elem: slot.info.elem,
+                dims: slot
+                    .shape(shape.unet_rows(), shape.latent_h, shape.latent_w)
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect(),
+            })
             .collect()
+    }
+
+    /// Zero host values for every residual input.
+    fn host_zeros(&self) -> Result<&[DynValue], EngineError> {
+        if let Some(zeros) = self.zeros.get() {
+            return Ok(zeros);
+        }
+        let zeros = self
+            .residual_inputs()
+            .iter()
+            .map(|input| {
+                let count = input.dims.iter().product::<i64>() as usize;
+                tensor::float_value(input.elem, &input.dims, &vec![0.0f32; count]).map_err(unet_err)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.zeros.get_or_init(|| zeros))
     }
 
     /// Whether any ControlNet takes part in this run.
@@ -207,7 +219,7 @@ impl<'a> ControlRun<'a> {
         if active.is_empty() {
             return Ok(slot_list
                 .iter()
-                .zip(&self.zeros)
+                .zip(self.host_zeros()?)
                 .map(|(s, z)| (s.name.as_str(), z.into()))
                 .collect());
         }
