@@ -12,11 +12,13 @@ use sdxl_worker::engine::{
     Device, Engine, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
 };
 
+/// Guidance and the scheduler on the host, with the UNet's inputs bound or not.
 fn engine(bind: bool, graph: bool, graph_shapes: usize) -> Engine {
     engine_with(CudaOptions {
         io_binding: bind,
         graph,
         graph_shapes,
+        device_step: false,
         ..CudaOptions::default()
     })
 }

@@ -36,13 +36,17 @@
 #   bench/gpu/run.sh wait cn-prepare   follow it (up to 9.5 minutes per call; exit 3: not done)
 #   bench/gpu/run.sh part NN        as above, for each further part
 #   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
-#                                   same model without it (also with cuda.device_step)
+#                                   same model without it (guidance and scheduler on the host,
+#                                   then on the device)
+#   bench/gpu/run.sh zero-probe     [carry .gpu-stage/bin] (once the ONNX Runtime parts are
+#                                   stored) zeroing the residual UNet's ControlNet inputs on the
+#                                   host or on the device (bench/gpu/zero_fill_probe.py)
 #   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] (once the ONNX Runtime parts are
 #                                   stored) the CPU test suite's parity and
 #                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -61,7 +65,7 @@ unpack_ort() {
   if [ ! -f "$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version" ]; then
     cat "$work"/stage/ort.[0-9]* > "$whl"
     # The checksum travels with the engine binary (bin) and with the test binaries (tbin).
-    sum=$(cat .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/ort.sha256 2>/dev/null | head -1)
+    sum=$(cat .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/ort.sha256 2>/dev/null | head -1 || true)
     echo "$sum  $whl" | sha256sum -c -
     rm -rf "$work/ortx" && mkdir -p "$work/ortx"
     python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
@@ -176,7 +180,7 @@ json.dump({'what': 'The fused float16 UNet in ONNX Runtime $ort_version Python A
 print(lines)" "$out/ort-python-probe.json" || true
     cp "$out/ort-python-probe.json" "$work/" 2>/dev/null || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32,graph+tf32+device_step}" \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32,graph+tf32+host_step}" \
       "$work/gpu_engine" --bench
     cp "$out/engine-b1.json" "$work/"
     if [ -d "$work/fused-vae16" ]; then
@@ -244,7 +248,7 @@ print(lines)" "$out/ort-python-probe.json" || true
       BENCH_VARIANTS="${BENCH_VARIANTS:-host_io+tf32,tf32,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet.json" "$work/"
     BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32,graph+tf32+device_step}" "$work/gpu_engine" --bench
+      BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32+host_step,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet-off.json" "$work/"
     ;;
   gpu-tests)
@@ -264,6 +268,15 @@ print(lines)" "$out/ort-python-probe.json" || true
       grep -q "test result: ok" "$out/test-$name.log" || status=1
     done
     exit $status
+    ;;
+  zero-probe)
+    # Zeroing the residual UNet's ControlNet inputs on the host or on the device, side by side
+    # (bench/gpu/zero_fill_probe.py, ONNX Runtime's Python API); after the ONNX Runtime parts.
+    unpack_ort
+    rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
+    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
+      "$work/stage/ort.whl"
+    PYTHONPATH=/tmp/ortpy python3 bench/gpu/zero_fill_probe.py | tee "$out/zero-fill-probe.json"
     ;;
   svc)
     BENCH_WORK="$work" bench/gpu/services.sh stash "${2:?part number}"
