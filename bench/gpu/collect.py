@@ -248,6 +248,7 @@ def main():
         "optimize_controlnet": load(run_dir, "optimize-cn.json"),
         "engine_controlnet": load(run_dir, "engine-controlnet.json"),
         "engine_controlnet_off": load(run_dir, "engine-controlnet-off.json"),
+        "zero_fill_probe": load(run_dir, "zero-fill-probe.json"),
         "onnxruntime_python_probe": probe,
         "targets": targets,
         "default_variant": default["variant"] if default else None,
