@@ -119,6 +119,20 @@ pub struct SessionOptions {
     pub graph_capture: bool,
 }
 
+#[cfg(test)]
+impl SessionOptions {
+    /// The CPU provider on one thread, for unit tests of in-memory graphs.
+    pub(crate) fn cpu_one_thread() -> Self {
+        Self {
+            device: Device::Cpu,
+            intra_threads: Some(1),
+            tf32: false,
+            cuda: CudaOptions::default(),
+            graph_capture: false,
+        }
+    }
+}
+
 /// Build a session for the ONNX graph at `path` on `options.device`.
 ///
 /// CUDA is never replaced silently by the CPU: if the CUDA execution provider is missing from

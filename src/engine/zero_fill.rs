@@ -103,22 +103,11 @@ mod tests {
     use ort::memory::AllocationDevice;
 
     use super::*;
-    use crate::engine::Device;
-
-    fn cpu() -> SessionOptions {
-        SessionOptions {
-            device: Device::Cpu,
-            intra_threads: Some(1),
-            tf32: false,
-            cuda: Default::default(),
-            graph_capture: false,
-        }
-    }
 
     #[test]
     fn fills_buffers_of_several_types_and_shapes_with_zeros() {
         crate::engine::runtime::environment().expect("ONNX Runtime");
-        let options = cpu();
+        let options = SessionOptions::cpu_one_thread();
         let graphs = ZeroGraphs::default();
         let allocator = Allocator::default();
         let shapes: [(TensorElementType, Vec<i64>); 3] = [

@@ -156,18 +156,12 @@ impl Mixers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{tensor, Device};
+    use crate::engine::tensor;
     use half::f16;
     use ort::value::{DynValue, Tensor};
 
     fn cpu() -> SessionOptions {
-        SessionOptions {
-            device: Device::Cpu,
-            intra_threads: Some(1),
-            tf32: false,
-            cuda: Default::default(),
-            graph_capture: false,
-        }
+        SessionOptions::cpu_one_thread()
     }
 
     fn half(shape: [i64; 4], data: &[f32]) -> DynValue {
