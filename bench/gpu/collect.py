@@ -26,6 +26,9 @@ def main():
     rest = load(run_dir, "optimize-rest.json")
     b4 = load(run_dir, "engine-b4.json")
     jobs4 = load(run_dir, "engine-jobs4.json")
+    # The ControlNet sequence's residual UNet without a ControlNet, one job and four per run.
+    cn_off_b1 = load(run_dir, "engine-controlnet-off.json")
+    cn_off_jobs4 = load(run_dir, "engine-controlnet-off-jobs4.json")
     workers = {
         name[: -len(".json")]: load(run_dir, name)
         for name in sorted(os.listdir(run_dir))
@@ -138,10 +141,18 @@ def main():
         env = (run or {}).get("env", {})
         graph = env.get("SDXL_CUDA_GRAPH") == "true"
         tf32 = env.get("SDXL_CUDA_TF32") == "true"
-        variant = "+".join([p for p, on in (("graph", graph), ("tf32", tf32)) if on]) or "default"
-        # A worker on the float16-VAE directory is compared with the engine on that directory.
-        vae16 = "vae16" in (run or {}).get("model", name)
-        singles = ok(b1_vae16) if vae16 else engine
+        # Guidance and the Euler update run on the device unless the worker turned that off.
+        host_step = env.get("SDXL_CUDA_DEVICE_STEP") == "false"
+        variant = "+".join(
+            [p for p, on in (("graph", graph), ("tf32", tf32), ("host_step", host_step)) if on]
+        ) or "default"
+        # A worker on the float16-VAE directory is compared with the engine on that directory,
+        # one on the residual UNet (fused-cn) with the engine on that model.
+        model = (run or {}).get("model", name)
+        vae16 = "vae16" in model
+        residual = "fused-cn" in model
+        singles = ok(b1_vae16) if vae16 else ok(cn_off_b1) if residual else engine
+        batched = ok(cn_off_jobs4) if residual else ok(jobs4)
         per_batch = {}
         for r in (run or {}).get("results", []):
             if "error" in r:
@@ -152,9 +163,10 @@ def main():
             if max_batch == 1:
                 alone = next((s for s in singles if s["variant"] == variant), None)
             elif max_batch == 4 and not vae16:
-                alone = next((s for s in ok(jobs4) if s["variant"] == variant), None)
+                alone = next((s for s in batched if s["variant"] == variant), None)
             entry = {
                 "file": name,
+                "residual_unet": residual,
                 "cuda_graph": graph,
                 "tf32": tf32,
                 "vae_float16": vae16,
@@ -179,11 +191,21 @@ def main():
                     "met": per_batch[4] >= 1.10 * per_batch[1],
                 }
             )
+    # What NVML reports for a GPU that only runs the UNet back to back (bench/gpu/ort_probe.py):
+    # the most any runner of this UNet can show on the busy counter the worker target uses.
+    if probe and any("busy_percent" in r for r in probe["results"]):
+        targets["gpu_busy_unet_alone"] = {
+            ("cuda_graph" if r["options"].get("enable_cuda_graph") == "1" else "default"): r.get(
+                "busy_percent"
+            )
+            for r in probe["results"]
+            if not r.get("torch_first")
+        }
     # ControlNet at full size: diffusers' ControlNet pipeline against the engine with the fused
     # float16 ControlNet and residual UNet (engine-controlnet.json), and each without ControlNet.
     cn_torch = load(run_dir, "torch-controlnet.json")
     cn_engine = ok(load(run_dir, "engine-controlnet.json"))
-    cn_off = ok(load(run_dir, "engine-controlnet-off.json"))
+    cn_off = ok(cn_off_b1)
     if cn_torch and cn_engine:
         fastest = min(cn_engine, key=lambda r: r["run_s"])
         torch_cn = cn_torch["pipeline_1_controlnet"]["median_s"]
@@ -247,7 +269,8 @@ def main():
         "torch_controlnet": cn_torch,
         "optimize_controlnet": load(run_dir, "optimize-cn.json"),
         "engine_controlnet": load(run_dir, "engine-controlnet.json"),
-        "engine_controlnet_off": load(run_dir, "engine-controlnet-off.json"),
+        "engine_controlnet_off": cn_off_b1,
+        "engine_controlnet_off_jobs4": cn_off_jobs4,
         "zero_fill_probe": load(run_dir, "zero-fill-probe.json"),
         "onnxruntime_python_probe": probe,
         "targets": targets,

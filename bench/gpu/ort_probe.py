@@ -1,7 +1,13 @@
 """Time the fused UNet in ONNX Runtime's Python API (IoBinding, batch 2, 1024²) and list the
 CUDA libraries the process loaded. `--torch-first` imports PyTorch before ONNX Runtime, so that
-its bundled cuDNN and cuBLAS are the ones loaded."""
+its bundled cuDNN and cuBLAS are the ones loaded.
+
+Then, for about three seconds, the UNet runs back to back (each run waited for, as a denoising
+loop does) while NVML's utilization counter is read every 20 ms: `busy_percent` is what that
+counter, the one behind nvidia-smi's GPU busy figure, reports for a GPU that does nothing but
+this UNet. It bounds the busy ratio any runner of this UNet can show."""
 import sys
+import threading
 import time
 
 import numpy as np
@@ -34,5 +40,42 @@ for _ in range(10):
     sess.run_with_iobinding(io)
     io.synchronize_outputs()
     times.append((time.perf_counter() - t) * 1000)
+
+
+def busy_while(work):
+    """NVML's mean utilization (percent) of GPU 0 while `work` runs; None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # no NVML bindings or no driver: report no figure
+        work()
+        return None
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        work()
+    finally:
+        done.set()
+        thread.join()
+    return sum(samples) / len(samples) if samples else None
+
+
+def loop():
+    end = time.perf_counter() + 3.0
+    while time.perf_counter() < end:
+        sess.run_with_iobinding(io)
+        io.synchronize_outputs()
+
+
+busy = busy_while(loop)
 libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "cudnn" in l or "cublas" in l})
-print(json.dumps({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "libs": len(libs)}))
+print(json.dumps({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "busy_percent": busy, "libs": len(libs)}))

@@ -37,7 +37,7 @@
 #   bench/gpu/run.sh part NN        as above, for each further part
 #   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
 #                                   same model without it (guidance and scheduler on the host,
-#                                   then on the device)
+#                                   then on the device), then four jobs per run without it
 #   bench/gpu/run.sh zero-probe     [carry .gpu-stage/bin] (once the ONNX Runtime parts are
 #                                   stored) zeroing the residual UNet's ControlNet inputs on the
 #                                   host or on the device (bench/gpu/zero_fill_probe.py)
@@ -165,17 +165,21 @@ case "$cmd" in
     unpack_ort
     xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
     cp "$work"/*.json "$out/" 2>/dev/null || true
-    # ONNX Runtime's own Python API on the same fused UNet, its default CUDA settings.
+    # ONNX Runtime's own Python API on the same fused UNet: its default CUDA settings, then
+    # with CUDA graph replay (and the busy ratio of replay alone).
     rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
     python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" "$whl"
     python_env
-    PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx" \
+    { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx"
+      PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx" \
+        '{"enable_cuda_graph": "1"}'; } \
       | python3 -c "
 import json, sys
 lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
 json.dump({'what': 'The fused float16 UNet in ONNX Runtime $ort_version Python API '
            '(bench/gpu/ort_probe.py): IoBinding on the GPU, batch 2, 128x128 latents, '
-           'default CUDA execution provider options, median of 10 after 3 warm-up runs',
+           'default CUDA execution provider options, then with CUDA graphs; median of 10 after 3 '
+           'warm-up runs; busy_percent: NVML utilization over 3 s of back-to-back runs',
            'results': lines}, open(sys.argv[1], 'w'), indent=1)
 print(lines)" "$out/ort-python-probe.json" || true
     cp "$out/ort-python-probe.json" "$work/" 2>/dev/null || true
@@ -250,6 +254,10 @@ print(lines)" "$out/ort-python-probe.json" || true
     BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off.json" \
       BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32+host_step,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet-off.json" "$work/"
+    # The dynamic batch on the same model: four jobs per run, as a worker with max_batch 4.
+    BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off-jobs4.json" BENCH_JOBS=4 \
+      BENCH_RUNS=2 BENCH_VARIANTS="${BENCH_VARIANTS_OFF_JOBS4:-graph+tf32}" "$work/gpu_engine" --bench
+    cp "$out/engine-controlnet-off-jobs4.json" "$work/"
     ;;
   gpu-tests)
     unpack_ort
