@@ -1,6 +1,7 @@
 //! The UNet's device-binding path (inputs and outputs bound once per run, as on CUDA), the
 //! static-shape sessions used for CUDA graphs, and guidance with the Euler update on the device
-//! (`cuda.device_step`) compute exactly what the plain path computes.
+//! (`cuda.device_step`) compute exactly what the plain path computes, for single runs and for
+//! dynamic batches.
 //! Run on the CPU provider through `EngineOptions::bind_io_on_cpu`, so no GPU is needed.
 
 mod common;
@@ -183,5 +184,49 @@ fn guidance_and_euler_steps_on_the_device_compute_what_the_host_computes() {
             false,
             &format!("device step with static shapes, request {i}"),
         );
+    }
+}
+
+#[test]
+fn batches_on_bound_buffers_compute_what_the_plain_path_computes() {
+    let plain = engine(false, false, 0);
+    let bound = engine(true, false, 0);
+    let static_shapes = engine(true, true, 2);
+    let base = common::basic_request();
+    // Two jobs that may share a batch: other prompts, seeds, image counts and guidance.
+    let jobs = [
+        base.clone(),
+        GenerateRequest {
+            prompt: "a watercolor of a lighthouse at dusk".into(),
+            negative_prompt: None,
+            seed: 11,
+            num_images: 2,
+            guidance_scale: 7.5,
+            ..base
+        },
+    ];
+    let refs: Vec<&GenerateRequest> = jobs.iter().collect();
+    let batch = |engine: &Engine| -> Vec<GenerateOutput> {
+        engine
+            .generate_batch(&refs, &mut |_, _| ControlFlow::Continue(()))
+            .into_iter()
+            .map(|r| r.expect("batched run"))
+            .collect()
+    };
+    let expected = batch(&plain);
+    assert!(expected.iter().all(|o| o.batch_size == 2));
+    // Twice each: the second batch reuses the first one's buffers (and static session).
+    for round in 0..2 {
+        for (i, (e, got)) in expected.iter().zip(batch(&bound)).enumerate() {
+            assert_same(e, &got, true, &format!("bound batch {round}, job {i}"));
+        }
+        for (i, (e, got)) in expected.iter().zip(batch(&static_shapes)).enumerate() {
+            assert_same(
+                e,
+                &got,
+                false,
+                &format!("static-shape batch {round}, job {i}"),
+            );
+        }
     }
 }

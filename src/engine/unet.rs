@@ -1,7 +1,8 @@
 //! One UNet evaluation per denoising step, in one of two ways:
 //!
 //! - **Host**: every step hands ONNX Runtime host tensors (the CPU provider, or CUDA with
-//!   [`CudaOptions::io_binding`](super::cuda::CudaOptions) off).
+//!   [`CudaOptions::io_binding`](super::cuda::CudaOptions) off). A residual UNet's ControlNet
+//!   inputs are host zeros at steps where no ControlNet is active, made at the first such step.
 //! - **Device**: on CUDA, the step's inputs live in device buffers bound once to the session.
 //!   The text conditioning is copied to the device once per run; each step copies only the
 //!   latent batch and the timestep in and the prediction out. A residual UNet's ControlNet
@@ -115,7 +116,8 @@ pub(super) struct StepOutput {
 }
 
 enum Mode<'e> {
-    Host,
+    /// Host tensors; the zero residuals of a residual UNet once a step has needed them.
+    Host(Option<Vec<DynValue>>),
     Device(Box<Bound>),
     Graph(MutexGuard<'e, Vec<GraphUnet>>),
 }
@@ -153,6 +155,17 @@ pub(crate) fn device_info(device_id: i32) -> ort::Result<MemoryInfo<'static>> {
 pub(crate) fn upload(host: &DynValue, device: &mut DynTensor) -> ort::Result<()> {
     let host = host.view().downcast::<DynTensorValueType>()?;
     host.copy_into(device)
+}
+
+/// A zero host value for each residual input.
+fn host_zeros(residuals: &[ResidualInput<'_>]) -> ort::Result<Vec<DynValue>> {
+    residuals
+        .iter()
+        .map(|r| {
+            let count = r.dims.iter().product::<i64>() as usize;
+            tensor::float_value(r.elem, &r.dims, &vec![0.0f32; count])
+        })
+        .collect()
 }
 
 fn timestep_host(input: &TimestepInput, t: f64, rows: usize) -> ort::Result<DynValue> {
@@ -294,7 +307,7 @@ impl<'e> UnetRunner<'e> {
                     conditioning,
                     sample_shape,
                     rows,
-                    mode: Mode::Host,
+                    mode: Mode::Host(None),
                     device_id: None,
                 })
             }
@@ -348,7 +361,7 @@ impl<'e> UnetRunner<'e> {
             device_id: Some(device_id),
         };
         let bound = match &mut runner.mode {
-            Mode::Host => None,
+            Mode::Host(_) => None,
             Mode::Device(bound) => Some(&mut **bound),
             Mode::Graph(guard) => Some(
                 &mut guard
@@ -374,7 +387,7 @@ impl<'e> UnetRunner<'e> {
     /// then mid); empty on the host path. What is written here is what the next step reads.
     pub(super) fn residual_buffers(&mut self) -> &mut [DynTensor] {
         match &mut self.mode {
-            Mode::Host => &mut [],
+            Mode::Host(_) => &mut [],
             Mode::Device(bound) => &mut bound.residuals,
             Mode::Graph(guard) => {
                 &mut guard
@@ -389,7 +402,7 @@ impl<'e> UnetRunner<'e> {
     /// The bound buffers and their session (device path only).
     fn bound_mut(&mut self) -> Option<(&mut Bound, &Component)> {
         match &mut self.mode {
-            Mode::Host => None,
+            Mode::Host(_) => None,
             Mode::Device(bound) => Some((&mut **bound, &self.unet.component)),
             Mode::Graph(guard) => {
                 let graph = guard
@@ -430,8 +443,9 @@ impl<'e> UnetRunner<'e> {
     }
 
     /// Evaluate the UNet on `model_input` (the scaled latent batch) at timestep `t`, with any
-    /// extra host inputs (ControlNet residuals). On the device path, `extra` is ignored: the
-    /// residual inputs are the bound buffers (see [`Self::residual_buffers`]).
+    /// extra host inputs (ControlNet residuals; a residual UNet without them reads zeros). On
+    /// the device path, `extra` is ignored: the residual inputs are the bound buffers (see
+    /// [`Self::residual_buffers`]), zeroed at the run's start.
     pub(super) fn step(
         &mut self,
         model_input: &[f32],
@@ -441,7 +455,7 @@ impl<'e> UnetRunner<'e> {
         let sample = tensor::float_value(self.unet.sample.elem, &self.sample_shape, model_input)
             .map_err(unet_err)?;
         match &mut self.mode {
-            Mode::Host => {
+            Mode::Host(zeros) => {
                 let timestep =
                     timestep_host(&self.unet.timestep, t, self.rows).map_err(unet_err)?;
                 let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
@@ -454,7 +468,19 @@ impl<'e> UnetRunner<'e> {
                     ("text_embeds", self.conditioning.text_embeds.into()),
                     ("time_ids", self.conditioning.time_ids.into()),
                 ];
-                inputs.extend(extra);
+                if extra.is_empty() && !self.conditioning.residuals.is_empty() {
+                    if zeros.is_none() {
+                        *zeros = Some(host_zeros(&self.conditioning.residuals).map_err(unet_err)?);
+                    }
+                    let names = self.conditioning.residuals.iter().map(|r| r.name);
+                    inputs.extend(
+                        names
+                            .zip(zeros.iter().flatten())
+                            .map(|(n, z)| (n, z.into())),
+                    );
+                } else {
+                    inputs.extend(extra);
+                }
                 let result = self.unet.component.run(UNET, inputs, &["out_sample"])?;
                 Ok(StepOutput {
                     out: result

@@ -1,8 +1,8 @@
 //! The ControlNet part of one run: each unit's inputs prepared once, then at every step the
-//! ControlNet evaluations and the scaled, summed residuals the UNet takes (zeros at steps where
-//! no ControlNet is active, and for the negative rows in guess mode).
+//! ControlNet evaluations and the scaled, summed residuals the UNet takes (zeros for the
+//! negative rows in guess mode; at steps where no ControlNet is active the UNet runner supplies
+//! the zeros itself, see [`crate::engine::unet`]).
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ort::session::SessionInputValue;
@@ -37,9 +37,6 @@ pub(crate) struct ControlRun<'a> {
     pub(super) guess: bool,
     pub(super) guidance: bool,
     pub(super) shape: RunShape,
-    /// Zero residuals on the host, one per UNet residual input (none for a plain UNet), made
-    /// on first use: only the host path needs them.
-    zeros: OnceLock<Vec<DynValue>>,
 }
 
 impl<'a> ControlRun<'a> {
@@ -128,7 +125,6 @@ impl<'a> ControlRun<'a> {
             guess,
             guidance: shape.guidance,
             shape: *shape,
-            zeros: OnceLock::new(),
         })
     }
 
@@ -147,22 +143,6 @@ impl<'a> ControlRun<'a> {
                     .collect(),
             })
             .collect()
-    }
-
-    /// Zero host values for every residual input.
-    fn host_zeros(&self) -> Result<&[DynValue], EngineError> {
-        if let Some(zeros) = self.zeros.get() {
-            return Ok(zeros);
-        }
-        let zeros = self
-            .residual_inputs()
-            .iter()
-            .map(|input| {
-                let count = input.dims.iter().product::<i64>() as usize;
-                tensor::float_value(input.elem, &input.dims, &vec![0.0f32; count]).map_err(unet_err)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.zeros.get_or_init(|| zeros))
     }
 
     /// Whether any ControlNet takes part in this run.
@@ -197,8 +177,9 @@ impl<'a> ControlRun<'a> {
         }
     }
 
-    /// The residual inputs for step `i` of `total` (none for a plain UNet). `model_input` is the
-    /// UNet's scaled batch. ControlNet time is added to `spent`.
+    /// The residual inputs for step `i` of `total`, for the host path: none for a plain UNet or
+    /// at a step where no ControlNet is active (the UNet runner then feeds its zeros).
+    /// `model_input` is the UNet's scaled batch. ControlNet time is added to `spent`.
     pub(crate) fn step(
         &self,
         i: usize,
@@ -215,14 +196,10 @@ impl<'a> ControlRun<'a> {
             .iter()
             .filter(|u| u.scale != 0.0 && keeps(i, total, u.start, u.end))
             .collect();
-        let slot_list = self.slot_list();
         if active.is_empty() {
-            return Ok(slot_list
-                .iter()
-                .zip(self.host_zeros()?)
-                .map(|(s, z)| (s.name.as_str(), z.into()))
-                .collect());
+            return Ok(Vec::new());
         }
+        let slot_list = self.slot_list();
         let started = Instant::now();
         let shape = self.shape;
         let rows = shape.unet_rows();
