@@ -11,7 +11,7 @@
 //! - `BENCH_DEVICE`: `cuda:N` (default `cuda:0`).
 //! - `BENCH_VARIANTS`: comma-separated settings to compare, each a `+`-joined list of changes
 //!   from the defaults of [`CudaOptions`]: `default`, `host_io` (no device binding), `nhwc`,
-//!   `graph` (CUDA graph), `host_step` (guidance and the Euler update on the host;
+//!   `graph` (CUDA graphs: the UNet's, and each ControlNet's unless `cn_nograph`), `host_step` (guidance and the Euler update on the host;
 //!   `device_step`, the default, runs them on the device),
 //!   `flash`, `efficient`, `cudnn_flash`, `math` (attention kernel),
 //!   `heuristic` (convolution search), `pow2_arena`, and `tf32` (TF32 math in the float32
@@ -77,6 +77,7 @@ fn variant(spec: &str) -> Result<CudaOptions, String> {
             "host_io" => o.io_binding = false,
             "nhwc" => o.prefer_nhwc = true,
             "graph" => o.graph = true,
+            "cn_nograph" => o.controlnet_graph = false,
             "device_step" => o.device_step = true,
             "host_step" => o.device_step = false,
             "heuristic" => o.conv_search = ConvSearch::Heuristic,

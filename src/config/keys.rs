@@ -356,6 +356,11 @@ pub const KEYS: &[KeySpec] = &[
         "most shapes with a CUDA graph per consumer",
     ),
     key(
+        "cuda.controlnet_graph",
+        "SDXL_CUDA_CONTROLNET_GRAPH",
+        "with cuda.graph, capture ControlNets in CUDA graphs too",
+    ),
+    key(
         "cuda.device_step",
         "SDXL_CUDA_DEVICE_STEP",
         "guidance and the Euler update on the device between UNet steps",
@@ -470,6 +475,7 @@ pub(crate) fn apply(s: &mut Settings, name: &str, v: &Input<'_>) -> Result<(), S
         "cuda.io_binding" => s.cuda.io_binding = v.flag()?,
         "cuda.graph" => s.cuda.graph = v.flag()?,
         "cuda.graph_shapes" => s.cuda.graph_shapes = v.int()?,
+        "cuda.controlnet_graph" => s.cuda.controlnet_graph = v.flag()?,
         "cuda.device_step" => s.cuda.device_step = v.flag()?,
         "cuda.tf32" => s.cuda.tf32 = v.flag()?,
         "worker.prefetch" => s.worker.prefetch = v.int()?,

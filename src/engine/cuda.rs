@@ -113,8 +113,13 @@ pub struct CudaOptions {
     /// distinct (batch, height, width) gets its own static-shape UNet session, up to
     /// `graph_shapes` of them; further shapes run without a graph.
     pub graph: bool,
-    /// Most static-shape UNet sessions kept for CUDA graphs (each holds its own weights).
+    /// Most static-shape UNet sessions kept for CUDA graphs (each holds its own weights), and
+    /// most static-shape sessions per ControlNet.
     pub graph_shapes: usize,
+    /// With `graph` on, capture each ControlNet's evaluation in a CUDA graph too, on a
+    /// static-shape session per ControlNet and shape (each holding its own copy of the
+    /// ControlNet's weights, at most `graph_shapes` per ControlNet).
+    pub controlnet_graph: bool,
     /// Run classifier-free guidance and the Euler update on the device between UNet steps
     /// (needs `io_binding`; Euler with an epsilon-predicting model, no ControlNets, no guidance
     /// rescale; other runs step on the host), so that a step copies nothing but its timestep.
@@ -142,6 +147,7 @@ impl Default for CudaOptions {
             io_binding: true,
             graph: false,
             graph_shapes: 2,
+            controlnet_graph: true,
             device_step: true,
             tf32: false,
         }

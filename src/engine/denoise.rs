@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::controlnet::ControlRun;
+use super::controlnet::{ControlRun, GraphUse};
 use super::device_step::DeviceStep;
 use super::pipeline::{fill_block, update_block, DenoiseState};
 use super::scheduler::Scheduler;
@@ -58,11 +58,17 @@ impl Engine {
         let mut guided = vec![0.0f32; per_batch];
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
         // With the UNet's inputs on the device, the ControlNets run there too.
+        let cuda = self.options.cuda;
+        let graphs = (cuda.graph && cuda.controlnet_graph).then_some(GraphUse {
+            graphs: &self.control_graphs,
+            per_net: cuda.graph_shapes,
+        });
         let mut on_device = match runner.device_id() {
             Some(id) if control.has_units() => Some(control.bind_device(
                 id,
                 &self.mixers,
                 &self.zero_graphs,
+                graphs,
                 self.session_options(),
             )?),
             _ => None,

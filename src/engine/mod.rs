@@ -78,6 +78,8 @@ pub struct Engine {
     vae_encoder: img2img::LazyVaeEncoder,
     /// Static-shape UNet sessions for CUDA graphs, loaded on first use of each shape.
     graph_unets: unet::GraphSessions,
+    /// Static-shape ControlNet sessions for CUDA graphs, loaded on first use of each shape.
+    control_graphs: controlnet::ControlGraphs,
     /// ControlNet residual mixers, by the ControlNets and element types they combine.
     mixers: controlnet::Mixers,
     /// Guidance-and-Euler step graphs ([`CudaOptions::device_step`](cuda::CudaOptions)).

@@ -74,6 +74,7 @@ impl Engine {
             options: options.clone(),
             vae_encoder: Default::default(),
             graph_unets: Default::default(),
+            control_graphs: Default::default(),
             mixers: Default::default(),
             step_graphs: Default::default(),
             zero_graphs: Default::default(),

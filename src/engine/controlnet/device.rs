@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use ort::memory::Allocator;
 use ort::session::IoBinding;
-use ort::value::{DynTensor, DynValue};
+use ort::value::{DynTensor, DynValue, TensorElementType};
 
+use super::graph::{ControlGraphs, LockedGraphs};
 use super::mixer::{self, MixerSpec, Mixers};
 use super::run::{ControlRun, PreparedUnit};
-use super::{keeps, CONTROLNET, NET_MID};
+use super::{keeps, ControlNet, CONTROLNET, NET_MID};
 use crate::engine::runtime::SessionOptions;
 use crate::engine::session::Component;
 use crate::engine::unet::{device_info, upload};
@@ -33,14 +34,35 @@ fn control_err(source: ort::Error) -> EngineError {
 }
 
 /// One ControlNet's session with its device buffers bound.
-struct BoundUnit {
+pub(super) struct BoundUnit {
     binding: IoBinding,
     sample: DynTensor,
     timestep: DynTensor,
     outputs: Vec<DynTensor>,
-    // Kept for the binding's sake, then dropped before the allocator.
-    _inputs: Vec<DynTensor>,
+    /// The per-run inputs (control image, text conditioning), by input name.
+    inputs: Vec<(&'static str, DynTensor)>,
+    // Dropped after the tensors it allocated.
     _allocator: Allocator,
+}
+
+impl BoundUnit {
+    /// Copy a run's control image and text conditioning into the bound buffers.
+    fn prepare_run(&mut self, unit: &PreparedUnit<'_>) -> ort::Result<()> {
+        for (name, device) in &mut self.inputs {
+            if let Some(host) = unit.input(name) {
+                upload(host, device)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a unit's bound session lives.
+enum UnitRef {
+    /// Bound for this run only, on the ControlNet's own session.
+    Own(Box<BoundUnit>),
+    /// A static-shape session of the engine's (see [`super::graph`]), by index.
+    Graph(usize),
 }
 
 /// The mixer binding for one set of active ControlNets.
@@ -54,7 +76,8 @@ struct Mix {
 /// The device side of a [`ControlRun`].
 pub(crate) struct DeviceControl<'r, 'a> {
     run: &'r ControlRun<'a>,
-    units: Vec<BoundUnit>,
+    units: Vec<UnitRef>,
+    graphs: Option<LockedGraphs<'r>>,
     mixes: Vec<Mix>,
     mixers: &'r Mixers,
     zeros: &'r ZeroGraphs,
@@ -63,24 +86,57 @@ pub(crate) struct DeviceControl<'r, 'a> {
     dirty: bool,
 }
 
+/// A ControlNet residual output: its name, element type and shape for a run.
+pub(super) type ResidualOutput<'a> = (&'a str, TensorElementType, Vec<i64>);
+
+/// The engine's static ControlNet sessions and how many shapes each ControlNet may have.
+pub(crate) struct GraphUse<'r> {
+    pub graphs: &'r ControlGraphs,
+    pub per_net: usize,
+}
+
 impl<'a> ControlRun<'a> {
     /// Bind every ControlNet of this run to device `device_id` (negative: the CPU, see
-    /// `EngineOptions::bind_io_on_cpu`). The UNet's residual buffers must hold zeros.
+    /// `EngineOptions::bind_io_on_cpu`), on static-shape sessions when `graphs` is given. The
+    /// UNet's residual buffers must hold zeros.
     pub(crate) fn bind_device<'r>(
         &'r self,
         device_id: i32,
         mixers: &'r Mixers,
         zeros: &'r ZeroGraphs,
+        graphs: Option<GraphUse<'r>>,
         options: SessionOptions,
     ) -> Result<DeviceControl<'r, 'a>, EngineError> {
-        let units = self
-            .units
-            .iter()
-            .map(|unit| self.bind_unit(unit, device_id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut locked = graphs.as_ref().map(|g| (g.graphs.lock(), g.per_net));
+        let mut units = Vec::with_capacity(self.units.len());
+        for unit in &self.units {
+            let index = match locked.as_mut() {
+                Some((graphs, per_net)) => {
+                    self.graph_unit(graphs, unit, device_id, *per_net, &options)?
+                }
+                None => None,
+            };
+            let unit_ref = match (index, locked.as_mut()) {
+                (Some(index), Some((graphs, _))) => {
+                    graphs
+                        .get_mut(index)
+                        .bound
+                        .prepare_run(unit)
+                        .map_err(control_err)?;
+                    UnitRef::Graph(index)
+                }
+                _ => {
+                    let mut bound = self.bind_unit(&unit.net.component, unit, device_id)?;
+                    bound.prepare_run(unit).map_err(control_err)?;
+                    UnitRef::Own(Box::new(bound))
+                }
+            };
+            units.push(unit_ref);
+        }
         Ok(DeviceControl {
             run: self,
             units,
+            graphs: locked.map(|(graphs, _)| graphs),
             mixes: Vec::new(),
             mixers,
             zeros,
@@ -89,13 +145,28 @@ impl<'a> ControlRun<'a> {
         })
     }
 
-    fn bind_unit(&self, unit: &PreparedUnit<'a>, device_id: i32) -> Result<BoundUnit, EngineError> {
-        let net = unit.net;
+    /// The shape of the latent batch a ControlNet of this run takes.
+    pub(super) fn control_sample_shape(&self) -> [i64; 4] {
+        let shape = self.shape;
+        [
+            self.control_rows() as i64,
+            shape.channels as i64,
+            shape.latent_h as i64,
+            shape.latent_w as i64,
+        ]
+    }
+
+    /// Each residual output of `net` for this run: its name, element type and shape.
+    pub(super) fn residual_outputs(
+        &self,
+        net: &'a ControlNet,
+    ) -> Result<Vec<ResidualOutput<'a>>, EngineError> {
         let rows = self.control_rows();
         let shape = self.shape;
-        let names = net.down_outputs.iter().map(String::as_str).chain([NET_MID]);
-        // Each residual buffer: the output it is bound to, its element type and its shape.
-        let outputs = names
+        net.down_outputs
+            .iter()
+            .map(String::as_str)
+            .chain([NET_MID])
             .zip(self.slot_list())
             .map(|(name, slot)| {
                 let elem = net.component.output(name)?.elem;
@@ -106,58 +177,88 @@ impl<'a> ControlRun<'a> {
                     .collect();
                 Ok((name, elem, dims))
             })
-            .collect::<Result<Vec<_>, EngineError>>()?;
-        let bound = net
-            .component
-            .with_session(|session| -> ort::Result<BoundUnit> {
-                let allocator = Allocator::new(session, device_info(device_id)?)?;
-                let like =
-                    |v: &DynValue| DynTensor::new(&allocator, *v.data_type(), v.shape().to_vec());
-                let mut binding = session.create_binding()?;
-                let sample_shape = [
-                    rows as i64,
-                    shape.channels as i64,
-                    shape.latent_h as i64,
-                    shape.latent_w as i64,
-                ];
-                let sample = DynTensor::new(&allocator, net.sample.elem, sample_shape.to_vec())?;
-                let timestep = like(&timestep_value(&net.timestep, 0.0, rows)?)?;
-                binding.bind_input("sample", &sample)?;
-                binding.bind_input("timestep", &timestep)?;
-                let mut inputs = Vec::new();
-                for (name, host) in [
-                    ("controlnet_cond", Some(&unit.cond)),
-                    ("encoder_hidden_states", unit.hidden.as_ref()),
-                    ("text_embeds", unit.pooled.as_ref()),
-                    ("time_ids", unit.time_ids.as_ref()),
-                ] {
-                    if let Some(host) = host {
-                        let mut device = like(host)?;
-                        upload(host, &mut device)?;
-                        binding.bind_input(name, &device)?;
-                        inputs.push(device);
-                    }
+            .collect()
+    }
+
+    /// Allocate `unit`'s buffers on `component` (its ControlNet's session, or a static-shape
+    /// copy of it) and bind them. The per-run inputs are filled by `BoundUnit::prepare_run`.
+    pub(super) fn bind_unit(
+        &self,
+        component: &Component,
+        unit: &PreparedUnit<'a>,
+        device_id: i32,
+    ) -> Result<BoundUnit, EngineError> {
+        let net = unit.net;
+        let rows = self.control_rows();
+        let outputs = self.residual_outputs(net)?;
+        let sample_shape = self.control_sample_shape();
+        let bound = component.with_session(|session| -> ort::Result<BoundUnit> {
+            let allocator = Allocator::new(session, device_info(device_id)?)?;
+            let like =
+                |v: &DynValue| DynTensor::new(&allocator, *v.data_type(), v.shape().to_vec());
+            let mut binding = session.create_binding()?;
+            let sample = DynTensor::new(&allocator, net.sample.elem, sample_shape.to_vec())?;
+            let timestep = like(&timestep_value(&net.timestep, 0.0, rows)?)?;
+            binding.bind_input("sample", &sample)?;
+            binding.bind_input("timestep", &timestep)?;
+            let mut inputs = Vec::new();
+            for name in PreparedUnit::INPUTS {
+                if let Some(host) = unit.input(name) {
+                    let device = like(host)?;
+                    binding.bind_input(name, &device)?;
+                    inputs.push((name, device));
                 }
-                let mut buffers = Vec::with_capacity(outputs.len());
-                for (name, elem, dims) in &outputs {
-                    let mut out = DynTensor::new(&allocator, *elem, dims.clone())?;
-                    binding.bind_output(*name, &mut out)?;
-                    buffers.push(out);
-                }
-                Ok(BoundUnit {
-                    binding,
-                    sample,
-                    timestep,
-                    outputs: buffers,
-                    _inputs: inputs,
-                    _allocator: allocator,
-                })
-            });
+            }
+            let mut buffers = Vec::with_capacity(outputs.len());
+            for (name, elem, dims) in &outputs {
+                let mut out = DynTensor::new(&allocator, *elem, dims.clone())?;
+                binding.bind_output(*name, &mut out)?;
+                buffers.push(out);
+            }
+            Ok(BoundUnit {
+                binding,
+                sample,
+                timestep,
+                outputs: buffers,
+                inputs,
+                _allocator: allocator,
+            })
+        });
         bound.map_err(control_err)
     }
 }
 
 impl DeviceControl<'_, '_> {
+    /// The bound buffers of unit `k`.
+    fn unit(&self, k: usize) -> &BoundUnit {
+        match &self.units[k] {
+            UnitRef::Own(bound) => bound,
+            UnitRef::Graph(index) => {
+                &self
+                    .graphs
+                    .as_ref()
+                    .expect("graph units come with the locked sessions")
+                    .get(*index)
+                    .bound
+            }
+        }
+    }
+
+    /// The bound buffers of unit `k` and the session they are bound to.
+    fn unit_mut(&mut self, k: usize) -> (&mut BoundUnit, &Component) {
+        match &mut self.units[k] {
+            UnitRef::Own(bound) => (&mut **bound, &self.run.units[k].net.component),
+            UnitRef::Graph(index) => {
+                let graph = self
+                    .graphs
+                    .as_mut()
+                    .expect("graph units come with the locked sessions")
+                    .get_mut(*index);
+                (&mut graph.bound, &*graph.component)
+            }
+        }
+    }
+
     /// Run the ControlNets active at step `i` of `total` and write the UNet's residual inputs
     /// into `residuals` (the UNet's bound buffers, in slot order). `model_input` is the UNet's
     /// scaled batch. ControlNet time is added to `spent`.
@@ -192,13 +293,13 @@ impl DeviceControl<'_, '_> {
         let sample_data = &model_input[..rows * shape.per_image()];
         for &k in &active {
             let net = run.units[k].net;
-            let bound = &mut self.units[k];
+            let (bound, component) = self.unit_mut(k);
             let sample = tensor::float_value(net.sample.elem, bound.sample.shape(), sample_data)
                 .map_err(control_err)?;
             upload(&sample, &mut bound.sample).map_err(control_err)?;
             let timestep = timestep_value(&net.timestep, t, rows).map_err(control_err)?;
             upload(&timestep, &mut bound.timestep).map_err(control_err)?;
-            net.component
+            component
                 .with_session(|session| session.run_binding(&bound.binding).map(drop))
                 .map_err(control_err)?;
         }
@@ -226,7 +327,7 @@ impl DeviceControl<'_, '_> {
             inputs: active
                 .iter()
                 .map(|&k| {
-                    self.units[k]
+                    self.unit(k)
                         .outputs
                         .iter()
                         .map(|o| *o.data_type())
@@ -252,7 +353,7 @@ impl DeviceControl<'_, '_> {
                 let mut binding = session.create_binding()?;
                 binding.bind_input(mixer::SCALES, &scales)?;
                 for (u, &k) in active.iter().enumerate() {
-                    for (slot, out) in self.units[k].outputs.iter().enumerate() {
+                    for (slot, out) in self.unit(k).outputs.iter().enumerate() {
                         binding.bind_input(mixer::input_name(u, slot), out)?;
                     }
                 }

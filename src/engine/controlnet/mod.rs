@@ -26,9 +26,12 @@ use super::session::{Component, TensorInfo};
 use super::{EngineError, EngineOptions};
 
 mod device;
+mod graph;
 mod mixer;
 mod run;
 
+pub(crate) use device::GraphUse;
+pub use graph::ControlGraphs;
 pub(crate) use mixer::Mixers;
 pub(crate) use run::ControlRun;
 

@@ -30,6 +30,27 @@ pub(super) struct PreparedUnit<'a> {
     pub(super) end: f64,
 }
 
+impl PreparedUnit<'_> {
+    /// The inputs prepared once per run, by name (those a ControlNet graph lacks are `None`).
+    pub(super) const INPUTS: [&'static str; 4] = [
+        "controlnet_cond",
+        "encoder_hidden_states",
+        "text_embeds",
+        "time_ids",
+    ];
+
+    /// The prepared value of input `name`, if this ControlNet takes it.
+    pub(super) fn input(&self, name: &str) -> Option<&DynValue> {
+        match name {
+            "controlnet_cond" => Some(&self.cond),
+            "encoder_hidden_states" => self.hidden.as_ref(),
+            "text_embeds" => self.pooled.as_ref(),
+            "time_ids" => self.time_ids.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// The ControlNet part of one run: prepared inputs and the residuals fed to the UNet each step.
 pub(crate) struct ControlRun<'a> {
     slots: Option<&'a UnetResiduals>,
