@@ -118,13 +118,19 @@ def main():
                 "speedup": compiled["pipeline_1"]["median_s"] / fastest["run_s"],
             }
     # The dynamic batch: four jobs through Engine::generate_batch (engine-jobs4.json), else
-    # one request of four images (engine-b4.json), against one image per run.
-    batch = ok(jobs4) or ok(b4)
-    if batch and engine:
+    # one request of four images (engine-b4.json), against one image per run; on the residual
+    # UNet (the ControlNet sequence), four jobs without ControlNets against one.
+    pairs = [("plain", ok(jobs4) or ok(b4), engine), ("residual", ok(cn_off_jobs4), ok(cn_off_b1))]
+    for unet, batch, singles in pairs:
+        if not (batch and singles):
+            continue
         for r in batch:
-            single = next((s for s in engine if s["variant"] == r["variant"]), best)
+            single = next((s for s in singles if s["variant"] == r["variant"]), None)
+            if single is None:
+                continue
             targets.setdefault("dynamic_batch_4", []).append(
                 {
+                    "unet": unet,
                     "variant": r["variant"],
                     "jobs": r.get("jobs", 1),
                     "images_per_s_b4": r["images_per_s"],
@@ -193,14 +199,17 @@ def main():
             )
     # What NVML reports for a GPU that only runs the UNet back to back (bench/gpu/ort_probe.py):
     # the most any runner of this UNet can show on the busy counter the worker target uses.
-    if probe and any("busy_percent" in r for r in probe["results"]):
-        targets["gpu_busy_unet_alone"] = {
-            ("cuda_graph" if r["options"].get("enable_cuda_graph") == "1" else "default"): r.get(
-                "busy_percent"
-            )
-            for r in probe["results"]
-            if not r.get("torch_first")
-        }
+    probe_cn = load(run_dir, "ort-python-probe-cn.json")
+    for key, found in (("gpu_busy_unet_alone", probe), ("gpu_busy_residual_unet_alone", probe_cn)):
+        if found and any(r.get("busy_percent") is not None for r in found["results"]):
+            targets[key] = {
+                ("cuda_graph" if r["options"].get("enable_cuda_graph") == "1" else "default"): {
+                    "busy_percent": r.get("busy_percent"),
+                    "step_ms": r.get("median_ms"),
+                }
+                for r in found["results"]
+                if not r.get("torch_first")
+            }
     # ControlNet at full size: diffusers' ControlNet pipeline against the engine with the fused
     # float16 ControlNet and residual UNet (engine-controlnet.json), and each without ControlNet.
     cn_torch = load(run_dir, "torch-controlnet.json")
@@ -273,6 +282,7 @@ def main():
         "engine_controlnet_off_jobs4": cn_off_jobs4,
         "zero_fill_probe": load(run_dir, "zero-fill-probe.json"),
         "onnxruntime_python_probe": probe,
+        "onnxruntime_python_probe_residual_unet": probe_cn,
         "targets": targets,
         "default_variant": default["variant"] if default else None,
     }

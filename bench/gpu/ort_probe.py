@@ -1,4 +1,5 @@
-"""Time the fused UNet in ONNX Runtime's Python API (IoBinding, batch 2, 1024²) and list the
+"""Time the fused UNet (the plain one, or the residual UNet with zero ControlNet residuals) in
+ONNX Runtime's Python API (IoBinding, batch 2, 1024²) and list the
 CUDA libraries the process loaded. `--torch-first` imports PyTorch before ONNX Runtime, so that
 its bundled cuDNN and cuBLAS are the ones loaded.
 
@@ -26,8 +27,25 @@ for arg in sys.argv[2:]:
 sess = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", options)])
 types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
 dims = {"batch_size": 2, "height": 128, "width": 128, "sequence_length": 77}
+
+
+def residual_size(name):
+    """Latent-size divisor of a ControlNet residual input of the SDXL UNet (unet/model_controlnet.onnx):
+    down residuals 0-2 at full latent size, 3-5 at half, 6-8 at a quarter; the mid one at a quarter."""
+    if name.startswith("mid_block_additional_residual"):
+        return 4
+    return 2 ** min(int(name.rsplit("_", 1)[1]) // 3, 2)
+
+
 io = sess.io_binding()
 for i in sess.get_inputs():
+    if "additional_residual" in i.name:
+        # A residual UNet without ControlNets reads zeros there, as the engine feeds it.
+        size = 128 // residual_size(i.name)
+        shape = [2, i.shape[1], size, size]
+        arr = np.zeros(shape, dtype=types[i.type])
+        io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+        continue
     shape = [d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]
     arr = np.asarray(np.random.randn(*shape) * (999 if i.name == "timestep" else 1)).astype(types[i.type])
     io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))

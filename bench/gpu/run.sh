@@ -102,6 +102,7 @@ case "$cmd" in
     pip_get .gpu-stage/py numpy==2.3.5        # the UNet attention fusion needs numpy < 2.4
     pip_get .gpu-stage/py importlib_metadata
     pip_get .gpu-stage/py zipp
+    pip_get .gpu-stage/py nvidia-ml-py         # NVML's busy counter in bench/gpu/ort_probe.py
     pip_get .gpu-stage/whl "onnxruntime-gpu==$ort_version"
     whl=$(ls .gpu-stage/whl/onnxruntime_gpu-"$ort_version"-*.whl)
     rm -f .gpu-stage/ort.*
@@ -247,9 +248,32 @@ print(lines)" "$out/ort-python-probe.json" || true
     unpack_ort
     xz -dc .gpu-stage/bin/gpu_engine.xz > "$work/gpu_engine" && chmod +x "$work/gpu_engine"
     cp "$work"/*.json "$out/" 2>/dev/null || true
+    # The residual UNet alone in ONNX Runtime's Python API, zero residuals, default CUDA options
+    # and CUDA graphs: its step and the NVML busy ratio of nothing but its replay.
+    if [ "${CN_PROBE:-1}" = 1 ]; then
+      rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
+      python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
+        "$work/stage/ort.whl"
+      python_env
+      unet="$work/fused-cn/unet/model_controlnet.onnx"
+      { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$unet"
+        PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$unet" \
+          '{"enable_cuda_graph": "1"}'; } \
+        | python3 -c "
+import json, sys
+lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
+json.dump({'what': 'The fused float16 residual UNet (fused-cn) with zero ControlNet residuals in '
+           'ONNX Runtime $ort_version Python API (bench/gpu/ort_probe.py): IoBinding on the GPU, '
+           'batch 2, 128x128 latents, default CUDA execution provider options, then with CUDA '
+           'graphs; median of 10 after 3 warm-up runs; busy_percent: NVML utilization over 3 s '
+           'of back-to-back runs',
+           'results': lines}, open(sys.argv[1], 'w'), indent=1)
+print(lines)" "$out/ort-python-probe-cn.json" || true
+      cp "$out/ort-python-probe-cn.json" "$work/" 2>/dev/null || true
+    fi
     BENCH_MODEL="$work/fused-cn" BENCH_CONTROLNET="$work/cn-fused" \
       BENCH_OUT="$out/engine-controlnet.json" \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-host_io+tf32,tf32,graph+tf32}" "$work/gpu_engine" --bench
+      BENCH_VARIANTS="${BENCH_VARIANTS:-tf32,graph+tf32+cn_nograph,graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-controlnet.json" "$work/"
     BENCH_MODEL="$work/fused-cn" BENCH_OUT="$out/engine-controlnet-off.json" \
       BENCH_VARIANTS="${BENCH_VARIANTS_OFF:-graph+tf32+host_step,graph+tf32}" "$work/gpu_engine" --bench
