@@ -35,9 +35,11 @@
 #                                   float16 fusions (fused-cn, cn-fused): about 17 minutes
 #   bench/gpu/run.sh wait cn-prepare   follow it (up to 9.5 minutes per call; exit 3: not done)
 #   bench/gpu/run.sh part NN        as above, for each further part
-#   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the engine with the ControlNet, and the
-#                                   same model without it (guidance and scheduler on the host,
-#                                   then on the device), then four jobs per run without it
+#   bench/gpu/run.sh cn-engine      [carry .gpu-stage/bin] the residual UNet alone in ONNX
+#                                   Runtime's Python API (step, NVML busy), the engine with the
+#                                   ControlNet (with and without its CUDA graph), and the same
+#                                   model without it (guidance and scheduler on the host, then
+#                                   on the device), then four jobs per run without it
 #   bench/gpu/run.sh zero-probe     [carry .gpu-stage/bin] (once the ONNX Runtime parts are
 #                                   stored) zeroing the residual UNet's ControlNet inputs on the
 #                                   host or on the device (bench/gpu/zero_fill_probe.py)
