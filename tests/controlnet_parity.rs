@@ -286,6 +286,34 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
             }
         }
     }
+    // Two ControlNets whose guidance windows open and close mid-run, under the Euler scheduler:
+    // on bound buffers guidance and the update run on the device and write every ControlNet's
+    // input for the next step, active or not.
+    let case = manifest
+        .cases
+        .iter()
+        .find(|c| c.request.controlnets.len() > 1 && !c.request.guess_mode)
+        .expect("a case with two ControlNets");
+    let mut request = request_of(case, &dir);
+    request.scheduler = SchedulerKind::parse("euler").expect("known scheduler");
+    let control = control_of(case, &dir, controlnets());
+    let run = |engine: &Engine| {
+        engine
+            .generate_with_control(&request, &control, &mut |_| ControlFlow::Continue(()))
+            .expect("generate with ControlNets")
+    };
+    let expected = run(&host);
+    for (what, engine) in &engines {
+        let got = run(engine);
+        let diff = max_diff(&expected.latents, &got.latents);
+        let exact = *what == "bound" && common::test_device() == Device::Cpu;
+        if (exact && got.latents != expected.latents) || diff > 2.5e-4 {
+            failures.push(format!(
+                "{what}, two ControlNets with windows under Euler: latents differ from the host \
+                 path by {diff:e}"
+            ));
+        }
+    }
     // Static-shape ControlNet sessions keep their buffers from run to run: a run of an earlier
     // shape with another prompt and an inverted control image computes from its own inputs.
     let case = &manifest.cases[0];

@@ -121,10 +121,11 @@ pub struct CudaOptions {
     /// ControlNet's weights, at most `graph_shapes` per ControlNet).
     pub controlnet_graph: bool,
     /// Run classifier-free guidance and the Euler update on the device between UNet steps
-    /// (needs `io_binding`; Euler with an epsilon-predicting model, no ControlNets, no guidance
-    /// rescale; other runs step on the host), so that a step copies nothing but its timestep.
-    /// See `engine::device_step`. On by default: on an H200 it took a step's copies and host
-    /// work from 0.95 ms to 0.1 ms (34.6 ms to 34.3 ms a step, 1.6% of a 30-step image).
+    /// (needs `io_binding`; Euler with an epsilon-predicting model, no guidance rescale; other
+    /// runs step on the host), so that a step copies nothing but its timesteps; the ControlNets'
+    /// next inputs are written there too. See `engine::device_step`. On by default: on an H200
+    /// it took a step's copies and host work from 0.95 ms to 0.1 ms (34.6 ms to 34.3 ms a step,
+    /// 1.6% of a 30-step image; measured without ControlNets).
     pub device_step: bool,
     /// Let float32 graphs (the text encoders, the VAE, an unfused UNet) use TF32 tensor cores
     /// for matrix products and convolutions: faster (the SDXL VAE decode on an H200: 114 ms

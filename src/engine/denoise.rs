@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::controlnet::{ControlRun, GraphUse};
+use super::controlnet::{ControlRun, DeviceControl, GraphUse};
 use super::device_step::DeviceStep;
 use super::pipeline::{fill_block, update_block, DenoiseState};
 use super::scheduler::Scheduler;
@@ -73,7 +73,7 @@ impl Engine {
             )?),
             _ => None,
         };
-        if on_device.is_none() && self.steps_on_device(state, scheduler, start, end) {
+        if self.steps_on_device(state, scheduler, start, end) {
             if let Some(device_id) = runner.device_id() {
                 return self.denoise_in_place(
                     state,
@@ -81,6 +81,7 @@ impl Engine {
                     latents,
                     progress,
                     &mut runner,
+                    on_device.as_mut(),
                     device_id,
                     (start, end),
                 );
@@ -93,7 +94,7 @@ impl Engine {
             let residuals = match on_device.as_mut() {
                 Some(device) => {
                     let buffers = runner.residual_buffers();
-                    device.step(i, timesteps.len(), &model_input, t, buffers, spent)?;
+                    device.step(i, timesteps.len(), Some(&model_input), t, buffers, spent)?;
                     Vec::new()
                 }
                 None => control.step(i, timesteps.len(), &model_input, t, spent)?,
@@ -150,7 +151,8 @@ impl Engine {
     }
 
     /// The loop with the latents on the device: the step graph writes each next model input
-    /// into the UNet's bound sample buffer; the latents come back after the last step.
+    /// into the UNet's bound sample buffer and the ControlNets' (`control`); the latents come
+    /// back after the last step.
     #[allow(clippy::too_many_arguments)]
     fn denoise_in_place(
         &self,
@@ -159,6 +161,7 @@ impl Engine {
         latents: &mut [f32],
         progress: &mut ProgressFn<'_>,
         runner: &mut UnetRunner<'_>,
+        mut control: Option<&mut DeviceControl<'_, '_>>,
         device_id: i32,
         (start, end): (usize, usize),
     ) -> Result<(), EngineError> {
@@ -179,6 +182,10 @@ impl Engine {
                     stage: UNET,
                     message: "the UNet's buffers are not bound".to_owned(),
                 })?;
+        let controls = control
+            .as_ref()
+            .map(|c| c.control_inputs())
+            .unwrap_or_default();
         let mut stepper = DeviceStep::new(
             &self.step_graphs,
             &self.session_options(),
@@ -187,7 +194,13 @@ impl Engine {
             prediction,
             latent_shape,
             shape.guidance,
+            controls,
         )?;
+        if let Some(control) = control.as_mut() {
+            for k in 0..control.control_inputs().len() {
+                stepper.bind_control(k, control.sample_buffer(k))?;
+            }
+        }
         stepper.upload_latents(latents)?;
         let mut model_input = vec![0.0f32; rows * shape.per_image()];
         fill_block(scheduler, latents, start, shape.guidance, &mut model_input);
@@ -195,6 +208,13 @@ impl Engine {
         let guidance_scale = state.request.guidance_scale;
         for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let step_started = Instant::now();
+            if let Some(control) = control.as_mut() {
+                // The first step's input comes from the host; later ones from the step graph.
+                let input = (i == start).then_some(model_input.as_slice());
+                let spent = &mut state.timings.controlnet;
+                let buffers = runner.residual_buffers();
+                control.step(i, timesteps.len(), input, t, buffers, spent)?;
+            }
             let (session_time, mut copy_time) = runner.step_in_place(t)?;
             if i == start {
                 copy_time += first_copy;

@@ -2,7 +2,8 @@
 //! outputs are bound to device buffers ([`CudaOptions::device_step`](super::cuda::CudaOptions)):
 //! a small graph, built with ONNX Runtime's model editor, reads the UNet's bound prediction and
 //! the latents, and writes the next latents and the next step's scaled model input straight into
-//! the UNet's bound sample buffer. A step then copies nothing but its timestep and four
+//! the UNet's bound sample buffer, and the same input into each ControlNet's bound sample buffer
+//! (only the positive rows in guess mode). A step then copies nothing but its timesteps and four
 //! coefficients to the device, and nothing back; the latents come back once, after the loop.
 //!
 //! The arithmetic is the host's, in the same order and in float32 (`uncond + g·(cond − uncond)`,
@@ -37,7 +38,7 @@ fn step_err(source: ort::Error) -> EngineError {
 }
 
 /// What a step graph is built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StepSpec {
     /// The UNet's prediction type.
     pub prediction: TensorElementType,
@@ -45,11 +46,36 @@ pub(crate) struct StepSpec {
     pub sample: TensorElementType,
     /// Whether the prediction holds negative then positive rows to combine.
     pub guidance: bool,
+    /// The ControlNets' sample inputs: each one's type and whether it takes only the positive
+    /// rows (guess mode under guidance).
+    pub controls: Vec<ControlInput>,
+}
+
+/// The sample input of one ControlNet fed by the step graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ControlInput {
+    pub elem: TensorElementType,
+    pub positive_only: bool,
+}
+
+/// The step graph's output for ControlNet `k`'s sample input.
+fn control_output(k: usize) -> String {
+    format!("control_input_{k}")
+}
+
+/// Cast `from` to `elem` (or copy it when it is float32 already) into `to`.
+fn cast_out(graph: &mut Graph, from: &str, to: &str, elem: TensorElementType) -> ort::Result<()> {
+    if elem == TensorElementType::Float32 {
+        add(graph, "Identity", &[from], to)
+    } else {
+        add_cast(graph, from, to, elem)
+    }
 }
 
 /// The step graph: inputs `latents` (float32), `noise_pred` (the UNet's output) and `coef`
-/// (float32 `[g, σ, dt, (σ_next² + 1)^½]`); outputs `latents_out` and `model_input`.
-fn build(spec: StepSpec) -> ort::Result<Model> {
+/// (float32 `[g, σ, dt, (σ_next² + 1)^½]`); outputs `latents_out`, `model_input` and one
+/// `control_input_{k}` per ControlNet.
+fn build(spec: &StepSpec) -> ort::Result<Model> {
     let f32 = TensorElementType::Float32;
     let mut graph = Graph::new()?;
     graph.set_inputs([
@@ -57,10 +83,14 @@ fn build(spec: StepSpec) -> ort::Result<Model> {
         Outlet::new("noise_pred", tensor_type(spec.prediction, 4)),
         Outlet::new("coef", tensor_type(f32, 1)),
     ])?;
-    graph.set_outputs([
+    let mut outputs = vec![
         Outlet::new("latents_out", tensor_type(f32, 4)),
         Outlet::new("model_input", tensor_type(spec.sample, 4)),
-    ])?;
+    ];
+    for (k, control) in spec.controls.iter().enumerate() {
+        outputs.push(Outlet::new(control_output(k), tensor_type(control.elem, 4)));
+    }
+    graph.set_outputs(outputs)?;
     add_split(
         &mut graph,
         "coefficients",
@@ -93,10 +123,14 @@ fn build(spec: StepSpec) -> ort::Result<Model> {
         add_concat_rows(&mut graph, &["scaled", "scaled"], "both")?;
         input = "both";
     }
-    if spec.sample == f32 {
-        add(&mut graph, "Identity", &[input], "model_input")?;
-    } else {
-        add_cast(&mut graph, input, "model_input", spec.sample)?;
+    cast_out(&mut graph, input, "model_input", spec.sample)?;
+    for (k, control) in spec.controls.iter().enumerate() {
+        let rows = if control.positive_only {
+            "scaled"
+        } else {
+            input
+        };
+        cast_out(&mut graph, rows, &control_output(k), control.elem)?;
     }
     model(graph)
 }
@@ -116,7 +150,10 @@ pub(crate) struct DeviceStep {
 
 impl DeviceStep {
     /// Bind a step graph to the UNet's bound `sample` input and `prediction` output, with
-    /// latents of `shape` on device `device_id` (negative: the CPU).
+    /// latents of `shape` on device `device_id` (negative: the CPU). With `controls`, the
+    /// graph also writes each step's input for that many ControlNets, whose buffers are bound
+    /// with [`Self::bind_control`] before the first step.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         graphs: &StepGraphs,
         options: &SessionOptions,
@@ -125,17 +162,23 @@ impl DeviceStep {
         prediction: &DynTensor,
         shape: [i64; 4],
         guidance: bool,
+        controls: Vec<ControlInput>,
     ) -> Result<Self, EngineError> {
         let spec = StepSpec {
             prediction: *prediction.data_type(),
             sample: *sample.data_type(),
             guidance,
+            controls,
         };
         let label = || {
             let guidance = if spec.guidance { "" } else { ", no guidance" };
-            format!("guidance and Euler step{guidance}")
+            let controls = match spec.controls.len() {
+                0 => String::new(),
+                n => format!(", {n} ControlNet input(s)"),
+            };
+            format!("guidance and Euler step{guidance}{controls}")
         };
-        let graph = graphs.get(&spec, options, label, |spec| build(*spec))?;
+        let graph = graphs.get(&spec, options, label, build)?;
         let parts = graph
             .with_session(|session| -> ort::Result<_> {
                 let allocator = Allocator::new(session, device_info(device_id)?)?;
@@ -162,6 +205,21 @@ impl DeviceStep {
             current: 0,
             _allocator: allocator,
         })
+    }
+
+    /// Bind ControlNet `k`'s sample buffer as the graph's `control_input_{k}`.
+    pub(crate) fn bind_control(
+        &mut self,
+        k: usize,
+        buffer: &mut DynTensor,
+    ) -> Result<(), EngineError> {
+        let name = control_output(k);
+        for binding in &mut self.bindings {
+            binding
+                .bind_output(name.as_str(), &mut *buffer)
+                .map_err(step_err)?;
+        }
+        Ok(())
     }
 
     /// Copy the run's latents to the device.

@@ -2,7 +2,9 @@
 //! ControlNet's inputs are copied to the device once per run and its residuals land in device
 //! buffers; the residual mixer ([`super::mixer`]) then writes the UNet's residual inputs in
 //! place, into the very buffers the UNet session (or its CUDA graph) reads. Per step only the
-//! latent batch and the timestep cross to the device; nothing comes back.
+//! latent batch and the timestep cross to the device, or only the timestep when guidance and
+//! the scheduler's update run there ([`crate::engine::device_step`] then writes each
+//! ControlNet's next input); nothing comes back.
 //!
 //! At steps where no ControlNet is active the UNet's residual buffers must hold zeros again:
 //! they are zeroed on the device ([`crate::engine::zero_fill`]) once, when the last ControlNet
@@ -19,6 +21,7 @@ use super::graph::{ControlGraphs, LockedGraphs};
 use super::mixer::{self, MixerSpec, Mixers};
 use super::run::{ControlRun, PreparedUnit};
 use super::{keeps, ControlNet, CONTROLNET, NET_MID};
+use crate::engine::device_step::ControlInput;
 use crate::engine::runtime::SessionOptions;
 use crate::engine::session::Component;
 use crate::engine::unet::{device_info, upload};
@@ -259,14 +262,34 @@ impl DeviceControl<'_, '_> {
         }
     }
 
+    /// The sample input each ControlNet takes, in unit order, for a step graph that writes
+    /// them ([`crate::engine::device_step`]).
+    pub(crate) fn control_inputs(&self) -> Vec<ControlInput> {
+        let positive_only = self.run.guess && self.run.guidance;
+        self.run
+            .units
+            .iter()
+            .map(|unit| ControlInput {
+                elem: unit.net.sample.elem,
+                positive_only,
+            })
+            .collect()
+    }
+
+    /// The bound sample buffer of unit `k`.
+    pub(crate) fn sample_buffer(&mut self, k: usize) -> &mut DynTensor {
+        &mut self.unit_mut(k).0.sample
+    }
+
     /// Run the ControlNets active at step `i` of `total` and write the UNet's residual inputs
     /// into `residuals` (the UNet's bound buffers, in slot order). `model_input` is the UNet's
-    /// scaled batch. ControlNet time is added to `spent`.
+    /// scaled batch, copied into the ControlNets' sample buffers; `None` when a step graph
+    /// has written them already. ControlNet time is added to `spent`.
     pub(crate) fn step(
         &mut self,
         i: usize,
         total: usize,
-        model_input: &[f32],
+        model_input: Option<&[f32]>,
         t: f64,
         residuals: &mut [DynTensor],
         spent: &mut Duration,
@@ -290,13 +313,16 @@ impl DeviceControl<'_, '_> {
         }
         let rows = run.control_rows();
         let shape = run.shape;
-        let sample_data = &model_input[..rows * shape.per_image()];
+        let sample_data = model_input.map(|m| &m[..rows * shape.per_image()]);
         for &k in &active {
             let net = run.units[k].net;
             let (bound, component) = self.unit_mut(k);
-            let sample = tensor::float_value(net.sample.elem, bound.sample.shape(), sample_data)
-                .map_err(control_err)?;
-            upload(&sample, &mut bound.sample).map_err(control_err)?;
+            if let Some(sample_data) = sample_data {
+                let sample =
+                    tensor::float_value(net.sample.elem, bound.sample.shape(), sample_data)
+                        .map_err(control_err)?;
+                upload(&sample, &mut bound.sample).map_err(control_err)?;
+            }
             let timestep = timestep_value(&net.timestep, t, rows).map_err(control_err)?;
             upload(&timestep, &mut bound.timestep).map_err(control_err)?;
             component

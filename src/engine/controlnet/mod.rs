@@ -30,7 +30,7 @@ mod graph;
 mod mixer;
 mod run;
 
-pub(crate) use device::GraphUse;
+pub(crate) use device::{DeviceControl, GraphUse};
 pub use graph::ControlGraphs;
 pub(crate) use mixer::Mixers;
 pub(crate) use run::ControlRun;
