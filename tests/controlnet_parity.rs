@@ -20,7 +20,9 @@ use sdxl_worker::engine::controlnet::{
     ControlNetPaths, ControlNets, ControlRequest, ControlType, ControlUnit,
 };
 use sdxl_worker::engine::cuda::CudaOptions;
-use sdxl_worker::engine::{Device, Engine, EngineOptions, GenerateRequest, SchedulerKind};
+use sdxl_worker::engine::{
+    Device, Engine, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
+};
 
 const LATENT_TOL: f32 = 1e-3;
 const PIXEL_SHARE: f64 = 0.999;
@@ -238,6 +240,51 @@ fn bound_engine(graph: bool) -> Engine {
     Engine::load(common::tiny_model_dir(), &options).expect("load the tiny pipeline")
 }
 
+/// Generate `request` with `control` on `engine`.
+fn controlled(
+    engine: &Engine,
+    request: &GenerateRequest,
+    control: &ControlRequest,
+) -> GenerateOutput {
+    engine
+        .generate_with_control(request, control, &mut |_| ControlFlow::Continue(()))
+        .expect("generate with ControlNets")
+}
+
+/// How a bound engine's run (`what`: "bound" or "static") compares with the host path's: the
+/// same session on the CPU computes the same numbers bound or not; static-shape sessions (the
+/// UNet's and the ControlNets') are optimized differently, so they agree within `tolerance`.
+fn against_host(
+    what: &str,
+    context: &str,
+    expected: &GenerateOutput,
+    got: &GenerateOutput,
+    tolerance: f32,
+) -> Option<String> {
+    let diff = max_diff(&expected.latents, &got.latents);
+    let exact = what == "bound" && common::test_device() == Device::Cpu;
+    ((exact && got.latents != expected.latents) || diff > tolerance)
+        .then(|| format!("{what}, {context}: latents differ from the host path by {diff:e}"))
+}
+
+/// [`against_host`] for each of `engines` on one request with ControlNets.
+fn all_against_host(
+    engines: &[(&str, Engine)],
+    host: &Engine,
+    request: &GenerateRequest,
+    control: &ControlRequest,
+    context: &str,
+) -> Vec<String> {
+    let expected = controlled(host, request, control);
+    engines
+        .iter()
+        .filter_map(|(what, engine)| {
+            let got = controlled(engine, request, control);
+            against_host(what, context, &expected, &got, 2.5e-4)
+        })
+        .collect()
+}
+
 #[test]
 fn device_bound_controlnets_match_diffusers_and_the_host_path() {
     let dir = golden_dir();
@@ -261,29 +308,14 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
     for case in &manifest.cases {
         let request = request_of(case, &dir);
         let control = control_of(case, &dir, controlnets());
-        let generate = |engine: &Engine| {
-            engine
-                .generate_with_control(&request, &control, &mut |_| ControlFlow::Continue(()))
-                .expect("generate with ControlNets")
-        };
-        let expected = generate(&host);
+        let expected = controlled(&host, &request, &control);
         for (what, engine) in &engines {
             match run_case(engine, case, &dir) {
                 Ok(summary) => eprintln!("ok   {what:<7} {:<32} {summary}", case.name),
                 Err(why) => failures.push(format!("{what} {}: {why}", case.name)),
             }
-            // The same session on the CPU computes the same numbers bound or not; static-shape
-            // sessions (the UNet's and the ControlNets') are optimized differently, so they
-            // agree within float rounding.
-            let got = generate(engine);
-            let diff = max_diff(&expected.latents, &got.latents);
-            let exact = *what == "bound" && common::test_device() == Device::Cpu;
-            if (exact && got.latents != expected.latents) || diff > 2.5e-4 {
-                failures.push(format!(
-                    "{what} {}: latents differ from the host path by {diff:e}",
-                    case.name
-                ));
-            }
+            let got = controlled(engine, &request, &control);
+            failures.extend(against_host(what, &case.name, &expected, &got, 2.5e-4));
         }
     }
     // Two ControlNets whose guidance windows open and close mid-run, under the Euler scheduler:
@@ -297,23 +329,10 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
     let mut request = request_of(case, &dir);
     request.scheduler = SchedulerKind::parse("euler").expect("known scheduler");
     let control = control_of(case, &dir, controlnets());
-    let run = |engine: &Engine| {
-        engine
-            .generate_with_control(&request, &control, &mut |_| ControlFlow::Continue(()))
-            .expect("generate with ControlNets")
-    };
-    let expected = run(&host);
-    for (what, engine) in &engines {
-        let got = run(engine);
-        let diff = max_diff(&expected.latents, &got.latents);
-        let exact = *what == "bound" && common::test_device() == Device::Cpu;
-        if (exact && got.latents != expected.latents) || diff > 2.5e-4 {
-            failures.push(format!(
-                "{what}, two ControlNets with windows under Euler: latents differ from the host \
-                 path by {diff:e}"
-            ));
-        }
-    }
+    let context = "two ControlNets with windows under Euler";
+    failures.extend(all_against_host(
+        &engines, &host, &request, &control, context,
+    ));
     // Static-shape ControlNet sessions keep their buffers from run to run: a run of an earlier
     // shape with another prompt and an inverted control image computes from its own inputs.
     let case = &manifest.cases[0];
@@ -325,30 +344,17 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
         let inverted = rgb.iter().map(|v| 255 - v).collect();
         unit.image = ControlImage::new(w, h, inverted).expect("control image");
     }
-    let run = |engine: &Engine| {
-        engine
-            .generate_with_control(&request, &control, &mut |_| ControlFlow::Continue(()))
-            .expect("generate with ControlNets")
-    };
-    let expected = run(&host);
-    let original = request_of(case, &dir);
-    let original = host
-        .generate_with_control(
-            &original,
-            &control_of(case, &dir, controlnets()),
-            &mut |_| ControlFlow::Continue(()),
-        )
-        .expect("generate with ControlNets");
-    assert!(max_diff(&expected.latents, &original.latents) > 1e-3);
-    for (what, engine) in &engines {
-        let diff = max_diff(&expected.latents, &run(engine).latents);
-        if diff > 2.5e-4 {
-            failures.push(format!(
-                "{what}, another control image and prompt at an earlier shape: latents differ \
-                 from the host path by {diff:e}"
-            ));
-        }
-    }
+    let changed = controlled(&host, &request, &control);
+    let original = controlled(
+        &host,
+        &request_of(case, &dir),
+        &control_of(case, &dir, controlnets()),
+    );
+    assert!(max_diff(&changed.latents, &original.latents) > 1e-3);
+    let context = "another control image and prompt at an earlier shape";
+    failures.extend(all_against_host(
+        &engines, &host, &request, &control, context,
+    ));
     // A run without ControlNets after those: the residual buffers the ControlNets wrote into
     // (kept from run to run by the static-shape sessions) read as zeros again.
     let request = request_of(&manifest.cases[0], &dir);
@@ -359,15 +365,8 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
     };
     let expected = plain(&host);
     for (what, engine) in &engines {
-        let got = plain(engine);
-        let diff = max_diff(&expected.latents, &got.latents);
-        let exact = *what == "bound" && common::test_device() == Device::Cpu;
-        if (exact && got.latents != expected.latents) || diff > 1e-4 {
-            failures.push(format!(
-                "{what}, no ControlNet after ControlNet runs: latents differ from the host path \
-                 by {diff:e}"
-            ));
-        }
+        let context = "no ControlNet after ControlNet runs";
+        failures.extend(against_host(what, context, &expected, &plain(engine), 1e-4));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

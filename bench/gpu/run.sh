@@ -91,6 +91,26 @@ python_env() {
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 }
 
+# Time a fused UNet in ONNX Runtime's Python API (bench/gpu/ort_probe.py) with default CUDA
+# options, then with CUDA graphs, reading NVML's busy counter meanwhile: ort_probe MODEL WHAT OUT.
+ort_probe() {
+  rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
+  python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
+    "$work/stage/ort.whl"
+  python_env
+  { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$1"
+    PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$1" '{"enable_cuda_graph": "1"}'
+  } | python3 -c "
+import json, sys
+lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
+json.dump({'what': sys.argv[2] + ' in ONNX Runtime $ort_version Python API '
+           '(bench/gpu/ort_probe.py): IoBinding on the GPU, batch 2, 128x128 latents, '
+           'default CUDA execution provider options, then with CUDA graphs; median of 10 after 3 '
+           'warm-up runs; busy_percent: NVML utilization over 3 s of back-to-back runs',
+           'results': lines}, open(sys.argv[1], 'w'), indent=1)
+print(lines)" "$3" "$2" || true
+}
+
 case "$cmd" in
   stage)
     mkdir -p .gpu-stage/py .gpu-stage/bin .gpu-stage/whl
@@ -170,21 +190,7 @@ case "$cmd" in
     cp "$work"/*.json "$out/" 2>/dev/null || true
     # ONNX Runtime's own Python API on the same fused UNet: its default CUDA settings, then
     # with CUDA graph replay (and the busy ratio of replay alone).
-    rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
-    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" "$whl"
-    python_env
-    { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx"
-      PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$work/fused/unet/model.onnx" \
-        '{"enable_cuda_graph": "1"}'; } \
-      | python3 -c "
-import json, sys
-lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
-json.dump({'what': 'The fused float16 UNet in ONNX Runtime $ort_version Python API '
-           '(bench/gpu/ort_probe.py): IoBinding on the GPU, batch 2, 128x128 latents, '
-           'default CUDA execution provider options, then with CUDA graphs; median of 10 after 3 '
-           'warm-up runs; busy_percent: NVML utilization over 3 s of back-to-back runs',
-           'results': lines}, open(sys.argv[1], 'w'), indent=1)
-print(lines)" "$out/ort-python-probe.json" || true
+    ort_probe "$work/fused/unet/model.onnx" "The fused float16 UNet" "$out/ort-python-probe.json"
     cp "$out/ort-python-probe.json" "$work/" 2>/dev/null || true
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1.json" \
       BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32,graph,graph+tf32,graph+tf32+host_step}" \
@@ -253,24 +259,9 @@ print(lines)" "$out/ort-python-probe.json" || true
     # The residual UNet alone in ONNX Runtime's Python API, zero residuals, default CUDA options
     # and CUDA graphs: its step and the NVML busy ratio of nothing but its replay.
     if [ "${CN_PROBE:-1}" = 1 ]; then
-      rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
-      python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
-        "$work/stage/ort.whl"
-      python_env
-      unet="$work/fused-cn/unet/model_controlnet.onnx"
-      { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$unet"
-        PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$unet" \
-          '{"enable_cuda_graph": "1"}'; } \
-        | python3 -c "
-import json, sys
-lines = [json.loads(l) for l in sys.stdin if l.startswith('{')]
-json.dump({'what': 'The fused float16 residual UNet (fused-cn) with zero ControlNet residuals in '
-           'ONNX Runtime $ort_version Python API (bench/gpu/ort_probe.py): IoBinding on the GPU, '
-           'batch 2, 128x128 latents, default CUDA execution provider options, then with CUDA '
-           'graphs; median of 10 after 3 warm-up runs; busy_percent: NVML utilization over 3 s '
-           'of back-to-back runs',
-           'results': lines}, open(sys.argv[1], 'w'), indent=1)
-print(lines)" "$out/ort-python-probe-cn.json" || true
+      ort_probe "$work/fused-cn/unet/model_controlnet.onnx" \
+        "The fused float16 residual UNet (fused-cn) with zero ControlNet residuals" \
+        "$out/ort-python-probe-cn.json"
       cp "$out/ort-python-probe-cn.json" "$work/" 2>/dev/null || true
     fi
     BENCH_MODEL="$work/fused-cn" BENCH_CONTROLNET="$work/cn-fused" \
