@@ -6,7 +6,8 @@
 //!
 //! Each such session holds its own copy of the ControlNet's weights. At most
 //! `cuda.graph_shapes` are kept per ControlNet; further shapes run bound without a graph, as
-//! does a ControlNet whose graph ONNX Runtime cannot capture (it is then not tried again).
+//! does a ControlNet whose static session ONNX Runtime refuses to build with graph capture (it
+//! is then not tried again). A capture that fails later, at a run, is that run's error.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -86,7 +87,7 @@ impl ControlGraphs {
 impl<'a> ControlRun<'a> {
     /// The index of `unit`'s static session for this run's shapes in `graphs`, loading it on
     /// first use; `None` when `per_net` sessions of this ControlNet already exist for other
-    /// shapes, or when its graph cannot be captured.
+    /// shapes, or when ONNX Runtime refuses to build it with graph capture.
     pub(super) fn graph_unit(
         &self,
         graphs: &mut LockedGraphs<'_>,
