@@ -164,9 +164,13 @@ def main():
             if "error" in r:
                 continue
             max_batch = r["scenario"]["max_batch"]
-            per_batch[max_batch] = r["images_per_s"]
+            devices = r["scenario"].get("devices", ["cuda:0"])
+            if len(devices) == 1:
+                per_batch[max_batch] = r["images_per_s"]
             alone = None
-            if max_batch == 1:
+            if len(devices) > 1:
+                pass  # compared with the same worker on one GPU (gpus_scaling)
+            elif max_batch == 1:
                 alone = next((s for s in singles if s["variant"] == variant), None)
             elif max_batch == 4 and not vae16:
                 alone = next((s for s in batched if s["variant"] == variant), None)
@@ -178,6 +182,7 @@ def main():
                 "vae_float16": vae16,
                 "max_batch": max_batch,
                 "prefetch": r["scenario"]["prefetch"],
+                "devices": devices,
                 "jobs": r["jobs"],
                 "images_per_s": r["images_per_s"],
                 "gpu_busy_percent": r["gpu_busy_percent"],
@@ -248,18 +253,57 @@ def main():
         for r in run.get("results", []):
             if "error" in r:
                 continue
+            devices = r["scenario"].get("devices", ["cuda:0"])
             entry = {
                 "file": name,
                 "variant": variant,
+                "devices": devices,
                 "max_batch": r["scenario"]["max_batch"],
                 "images_per_s": r["images_per_s"],
                 "gpu_busy_percent": r["gpu_busy_percent"],
                 "median_controlnet_ms": r.get("median_controlnet_ms"),
             }
-            if alone:
+            if alone and len(devices) == 1:
                 entry["engine_alone_images_per_s"] = alone["images_per_s"]
                 entry["ratio_to_engine"] = r["images_per_s"] / alone["images_per_s"]
             targets.setdefault("controlnet_worker_saturated", []).append(entry)
+    # Several GPUs: one worker process with a consumer per GPU against the same worker on one
+    # GPU, same file, same batch settings (target: 1.9x on two GPUs).
+    for name, run in workers.items():
+        results = [r for r in (run or {}).get("results", []) if "error" not in r]
+        for r in results:
+            devices = r["scenario"].get("devices", ["cuda:0"])
+            if len(devices) < 2:
+                continue
+            one = next(
+                (
+                    o
+                    for o in results
+                    if len(o["scenario"].get("devices", ["cuda:0"])) == 1
+                    and o["scenario"]["max_batch"] == r["scenario"]["max_batch"]
+                    and o["scenario"]["prefetch"] == r["scenario"]["prefetch"]
+                ),
+                None,
+            )
+            if not one:
+                continue
+            ratio = r["images_per_s"] / one["images_per_s"]
+            targets.setdefault("gpus_scaling", []).append(
+                {
+                    "file": name,
+                    "controlnet": bool(run.get("controlnet")),
+                    "max_batch": r["scenario"]["max_batch"],
+                    "devices": devices,
+                    "images_per_s": r["images_per_s"],
+                    "one_gpu_images_per_s": one["images_per_s"],
+                    "ratio": ratio,
+                    "met": ratio >= 0.95 * len(devices),
+                    "jobs_per_device": {d: v["jobs"] for d, v in r.get("per_device", {}).items()},
+                    "gpu_busy_percent_per_device": {
+                        d: v["gpu_busy_percent"] for d, v in r.get("per_device", {}).items()
+                    },
+                }
+            )
     # What limits the targets this run missed, written after reading its numbers.
     notes = load(run_dir, "notes.json")
     report = {

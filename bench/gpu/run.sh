@@ -11,6 +11,8 @@
 # On the GPU host (repository root; files under /root survive between the calls):
 #   bench/gpu/run.sh torch-eager    [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager,
 #                                   then the float32 ONNX export of the same weights
+#   bench/gpu/run.sh export         [carry .gpu-stage/py, .gpu-stage/ort.00] instead of
+#                                   torch-eager: only the float32 export, detached
 #   bench/gpu/run.sh optimize       [carry .gpu-stage/ort.01] fuse the UNet to float16 while
 #                                   diffusers runs under torch.compile(mode="reduce-overhead")
 #   bench/gpu/run.sh part NN        [carry .gpu-stage/ort.NN] store one more part
@@ -29,7 +31,8 @@
 # ControlNet at full size (its own sequence of calls, after stage):
 #   bench/gpu/run.sh cn-torch       [carry .gpu-stage/py, .gpu-stage/ort.00] diffusers eager with
 #                                   and without a full-size ControlNet (bench/gpu/controlnet_bench.py),
-#                                   then the ControlNet's float32 ONNX export
+#                                   then the ControlNet's float32 ONNX export; with a second GPU,
+#                                   SDXL's float32 export runs there meanwhile (detached)
 #   bench/gpu/run.sh cn-prepare     [carry .gpu-stage/ort.01] start, in the background, the
 #                                   float32 export of SDXL with the residual UNet, then the
 #                                   float16 fusions (fused-cn, cn-fused): about 17 minutes
@@ -45,7 +48,8 @@
 #                                   host or on the device (bench/gpu/zero_fill_probe.py)
 #   bench/gpu/run.sh gpu-tests      [carry .gpu-stage/tbin] (once the ONNX Runtime parts are
 #                                   stored) the CPU test suite's parity and
-#                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0)
+#                                   device-binding tests on the GPU (SDXL_TEST_DEVICE=cuda:0, or
+#                                   GPU_TEST_DEVICE)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
 cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
@@ -82,6 +86,13 @@ detach() {
   setsid nohup bash -c "$(printf '%q ' "$@"); echo \$? > '$work/$name.rc'" \
     > "$work/$name.log" 2>&1 < /dev/null &
   echo "started $name (pid $!); follow it with: bench/gpu/run.sh wait $name"
+}
+
+# A copy of the scripts a detached job needs, so that it outlives the call's working tree.
+copy_code() {
+  local code="$work/code"
+  rm -rf "$code" && mkdir -p "$code/tests/fixtures/tiny-sdxl"
+  cp -r bench onnx "$code/" && cp -r tests/fixtures/tiny-sdxl/tokenizer* "$code/tests/fixtures/tiny-sdxl/"
 }
 
 python_env() {
@@ -164,6 +175,17 @@ case "$cmd" in
     python3 bench/gpu/torch_bench.py --mode eager --out "$out" --export "$work/fp32"
     cp "$out/torch-eager.json" "$work/"
     ;;
+  export)
+    # Only the float32 export of the same weights, no timings, detached (`wait export`): for
+    # runs that need the model and nothing else.
+    mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
+    stash_part 00
+    python_env
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv"
+    copy_code
+    detach export bash -c "cd '$work/code' \
+      && python3 bench/gpu/torch_bench.py --mode none --out '$work' --export '$work/fp32'"
+    ;;
   optimize)
     stash_part 01
     python_env
@@ -217,6 +239,14 @@ case "$cmd" in
     stash_part 00
     python_env
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv"
+    # On a host with a second GPU, the float32 export of SDXL with its residual UNet (about 6
+    # minutes) runs there, in its own process session, while diffusers is timed on the first;
+    # cn-prepare then waits for it instead of exporting.
+    if [ "$(nvidia-smi -L | grep -c '^GPU')" -ge 2 ]; then
+      copy_code
+      detach cn-export env CUDA_VISIBLE_DEVICES=1 bash -c "cd '$work/code' \
+        && python3 bench/gpu/controlnet_bench.py --export '$work/fp32'"
+    fi
     python3 bench/gpu/controlnet_bench.py --out "$out" --export-controlnet "$work/cn-fp32" \
       2>&1 | grep -v Warning || true
     cp "$out/torch-controlnet.json" "$work/"
@@ -231,11 +261,15 @@ case "$cmd" in
     # follows it, and other steps (parts, services, gpu-tests) can run meanwhile.
     stash_part 01
     python_env
-    code="$work/code"
-    rm -rf "$code" && mkdir -p "$code/tests/fixtures/tiny-sdxl"
-    cp -r bench onnx "$code/" && cp -r tests/fixtures/tiny-sdxl/tokenizer* "$code/tests/fixtures/tiny-sdxl/"
-    detach cn-prepare bash -c "cd '$code' \
-      && python3 bench/gpu/controlnet_bench.py --export '$work/fp32' \
+    if [ -f "$work/cn-export.log" ]; then
+      # cn-torch started the export on the second GPU: wait for it, then fuse.
+      export_step="while [ ! -f '$work/cn-export.rc' ]; do sleep 5; done; \
+        cat '$work/cn-export.log'; [ \"\$(cat '$work/cn-export.rc')\" = 0 ]"
+    else
+      copy_code
+      export_step="python3 bench/gpu/controlnet_bench.py --export '$work/fp32'"
+    fi
+    detach cn-prepare bash -c "cd '$work/code' && { $export_step; } \
       && python3 bench/gpu/optimize_unet.py --controlnet '$work/fp32' '$work/fused-cn' \
            '$work/cn-fp32' '$work/cn-fused'"
     ;;
@@ -288,7 +322,7 @@ case "$cmd" in
       name=$(basename "$t" .xz)
       xz -dc "$t" > "$work/$name" && chmod +x "$work/$name"
       echo "== $name"
-      SDXL_TEST_DEVICE=cuda:0 "$work/$name" --test-threads 1 2>&1 | tail -40 | tee "$out/test-$name.log" \
+      SDXL_TEST_DEVICE="${GPU_TEST_DEVICE:-cuda:0}" "$work/$name" --test-threads 1 2>&1 | tail -40 | tee "$out/test-$name.log" \
         || status=1
       grep -q "test result: ok" "$out/test-$name.log" || status=1
     done

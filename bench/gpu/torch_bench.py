@@ -12,7 +12,7 @@ for decoding, as diffusers does for the stock SDXL VAE) and measures, with CUDA 
   diffusers does with an fp16-safe VAE such as sdxl-vae-fp16-fix;
 - peak GPU memory of each.
 
-`--mode eager` runs PyTorch eagerly with SDPA attention; `--mode compile` wraps the UNet in
+`--mode none` only exports. `--mode eager` runs PyTorch eagerly with SDPA attention; `--mode compile` wraps the UNet in
 `torch.compile(mode="reduce-overhead")` (CUDA graphs; the first calls compile for minutes).
 `--export` then writes the float32 ONNX export of the same weights with onnx/export_sdxl.py.
 Results go to DIR/torch-<mode>.json.
@@ -126,12 +126,32 @@ def run_facts(pipe, started):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=["eager", "compile"], required=True)
+    p.add_argument(
+        "--mode",
+        choices=["eager", "compile", "none"],
+        required=True,
+        help="none: no timings, only the export",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--export", help="also write the float32 ONNX export here")
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.mode != "none":
+        measure(args)
+    if args.export:
+        from export_sdxl import export_pipeline
+
+        torch.cuda.empty_cache()
+        pipe = full_sdxl.build("cuda")
+        pipe.to("cpu")
+        started = time.perf_counter()
+        export_pipeline(pipe, args.export, log=lambda m: print("export:", m, flush=True))
+        print(json.dumps({"export_s": time.perf_counter() - started}), flush=True)
+
+
+def measure(args):
+    """Time diffusers in `args.mode` and write OUT/torch-MODE.json."""
     started = time.perf_counter()
     pipe = full_sdxl.build("cuda")
     pipe.to(torch.float16)
@@ -156,17 +176,6 @@ def main():
     with open(os.path.join(args.out, f"torch-{args.mode}.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report), flush=True)
-
-    if args.export:
-        from export_sdxl import export_pipeline
-
-        del pipe
-        torch.cuda.empty_cache()
-        pipe = full_sdxl.build("cuda")
-        pipe.to("cpu")
-        started = time.perf_counter()
-        export_pipeline(pipe, args.export, log=lambda m: print("export:", m, flush=True))
-        print(json.dumps({"export_s": time.perf_counter() - started}), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,20 @@ carried copies), the `sdxl-worker` binary and a full-size model directory. Pytho
 library only (the GPU host has no AMQP or Postgres client for Python): jobs are published with
 `sdxl-worker submit` and rows read with `sdxl-worker status`, as an operator would.
 
-For each scenario (a `worker.max_batch` and `worker.prefetch`), it starts a worker on one GPU,
-runs one warm-up job (model load, cuDNN's algorithm search), then publishes JOBS jobs at once
-(a saturated queue: 30 Euler steps at 1024x1024, one image each, distinct prompts and seeds)
-and waits for every row to succeed. It reports images per second over the window from the
-first publish to the last finished row, the median job time and metrics from the rows (queue
-wait, denoising, VAE, PNG, upload, batch size), the GPU busy ratio over that window (nvidia-smi
-utilization sampled every 100 ms) and the peak GPU memory.
+For each scenario (a `worker.max_batch`, a `worker.prefetch` and the devices, one GPU consumer
+each), it starts one worker process, runs warm-up jobs until every consumer has finished one
+(model load, cuDNN's algorithm search, CUDA graph capture), then publishes JOBS jobs per device
+at once (a saturated queue: 30 Euler steps at 1024x1024, one image each, distinct prompts and
+seeds) and waits for every row to succeed. It reports images per second over the window from
+the first publish to the last finished row, the median job time and metrics from the rows
+(queue wait, denoising, VAE, PNG, upload, batch size), per device the jobs it ran and its GPU
+busy ratio over that window (nvidia-smi utilization sampled every 100 ms), and the peak GPU
+memory.
 
-    python3 bench/gpu/worker_e2e.py --bin BIN --model DIR --out OUT/worker-e2e.json
+    python3 bench/gpu/worker_e2e.py --bin BIN --model DIR --out OUT/worker-e2e.json \
+        --scenarios 1:2,4:8,1:2@cuda:0+cuda:1
+
+A scenario is `MAX_BATCH:PREFETCH`, optionally `@DEVICES` (`+`-separated; `--device` otherwise).
 
 With `--controlnet DIR` (a ControlNet export, configured as the canny one; the model needs
 `unet/model_controlnet.onnx`) every job also carries that ControlNet with an inline control image:
@@ -84,7 +89,7 @@ backend = "local"
 path = "{images_dir}"
 [worker]
 id = "bench-{prefix}"
-devices = ["{args.device}"]
+devices = [{", ".join(f'"{d}"' for d in scenario["devices"])}]
 prefetch = {scenario['prefetch']}
 max_batch = {scenario['max_batch']}
 batch_window_ms = {scenario.get('window_ms', 50)}
@@ -100,17 +105,17 @@ graph = {str(scenario.get('graph', False)).lower()}
 
 
 class Sampler:
-    """nvidia-smi's GPU utilization and memory, every 100 ms."""
+    """nvidia-smi's GPU utilization and memory of the given GPUs, every 100 ms."""
 
-    def __init__(self, index):
-        self.samples = []
+    def __init__(self, indices):
+        self.samples = []  # (time, GPU index, busy %, memory MiB)
         self.proc = None
         try:
             self.proc = subprocess.Popen(
                 [
                     "nvidia-smi",
-                    f"--id={index}",
-                    "--query-gpu=timestamp,utilization.gpu,memory.used",
+                    "--id=" + ",".join(str(i) for i in indices),
+                    "--query-gpu=timestamp,index,utilization.gpu,memory.used",
                     "--format=csv,noheader,nounits",
                     "-lms",
                     "100",
@@ -126,25 +131,31 @@ class Sampler:
     def _read(self):
         for line in self.proc.stdout:
             parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 3:
+            if len(parts) == 4:
                 try:
-                    self.samples.append((time.time(), float(parts[1]), float(parts[2])))
+                    sample = (time.time(), int(parts[1]), float(parts[2]), float(parts[3]))
                 except ValueError:
-                    pass
+                    continue
+                self.samples.append(sample)
 
     def stop(self):
         if self.proc:
             self.proc.terminate()
             self.proc.wait()
 
-    def window(self, start, end):
-        inside = [s for s in self.samples if start <= s[0] <= end]
+    def window(self, index, start, end):
+        """Mean busy percent and peak memory of one GPU between two times."""
+        inside = [s for s in self.samples if s[1] == index and start <= s[0] <= end]
         if not inside:
             return None, None
         return (
-            sum(s[1] for s in inside) / len(inside),
-            max(s[2] for s in inside),
+            sum(s[2] for s in inside) / len(inside),
+            max(s[3] for s in inside),
         )
+
+
+def gpu_index(device):
+    return int(device.split(":")[1]) if ":" in device else 0
 
 
 def cli(args, config, *rest, check=True):
@@ -247,8 +258,28 @@ def ts(text):
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def warm_up(args, config, scenario):
+    """Publish warm-up jobs until every consumer has finished one. Each round holds as many
+    jobs as all consumers together claim (`prefetch` each), at least one batch each, so that
+    every consumer also pays its batched shapes' one-time costs before the measured window."""
+    devices = scenario["devices"]
+    per_round = max(scenario["max_batch"], scenario["prefetch"]) * len(devices)
+    if len(devices) == 1:
+        per_round = scenario["max_batch"]
+    seen = set()
+    for attempt in range(3):
+        ids = submit_all(args, config, per_round, 1000 + attempt * per_round)
+        for warm_id, warm_row in wait_all(args, config, ids, 600).items():
+            if warm_row["state"] != "succeeded":
+                raise SystemExit(f"warm-up job {warm_id}: {json.dumps(warm_row)}")
+            seen.add(warm_row.get("device"))
+        if all(d in seen for d in devices):
+            return
+    raise SystemExit(f"warm-up jobs ran on {sorted(map(str, seen))}, not on all of {devices}")
+
+
 def scenario_run(args, scenario, sampler):
-    prefix = f"e2e{scenario['max_batch']}x{uuid.uuid4().hex[:6]}"
+    prefix = f"e2e{scenario['max_batch']}x{len(scenario['devices'])}g{uuid.uuid4().hex[:6]}"
     work = tempfile.mkdtemp(prefix="e2e-", dir=args.work)
     images_dir = os.path.join(work, "images")
     config = os.path.join(work, "worker.toml")
@@ -266,13 +297,11 @@ def scenario_run(args, scenario, sampler):
         started = time.time()
         # As many warm-up jobs as one batch holds, published together: the batched shapes
         # pay their one-time costs (cuDNN's algorithm search) before the measured window.
-        warm_ids = submit_all(args, config, scenario["max_batch"], 1000)
-        for warm_id, warm_row in wait_all(args, config, warm_ids, 600).items():
-            if warm_row["state"] != "succeeded":
-                raise SystemExit(f"warm-up job {warm_id}: {json.dumps(warm_row)}")
+        warm_up(args, config, scenario)
         warm_s = time.time() - started
         t0 = time.time()
-        ids = submit_all(args, config, args.jobs, 1)
+        jobs = args.jobs * len(scenario["devices"])
+        ids = submit_all(args, config, jobs, 1)
         rows = wait_all(args, config, ids, 900)
         states = [r["state"] for r in rows.values()]
         failed = [r for r in rows.values() if r["state"] != "succeeded"]
@@ -280,8 +309,27 @@ def scenario_run(args, scenario, sampler):
             raise SystemExit(f"jobs did not succeed: {json.dumps(failed[:2])}")
         finished = max(ts(r["finished_at"]) for r in rows.values())
         first_start = min(ts(r["started_at"]) for r in rows.values())
-        busy, peak = sampler.window(t0, finished)
-        busy_running, _ = sampler.window(first_start, finished)
+        per_device = {}
+        for device in scenario["devices"]:
+            mine = [r for r in rows.values() if r.get("device") == device]
+            busy, peak = sampler.window(gpu_index(device), t0, finished)
+            busy_running, _ = sampler.window(gpu_index(device), first_start, finished)
+            per_device[device] = {
+                "jobs": len(mine),
+                "first_start_s": min((ts(r["started_at"]) - t0 for r in mine), default=None),
+                "last_finish_s": max((ts(r["finished_at"]) - t0 for r in mine), default=None),
+                "gpu_busy_percent": busy,
+                "gpu_busy_percent_from_first_start": busy_running,
+                "peak_gpu_memory_mib": peak,
+            }
+
+        def mean_of(key):
+            values = [d[key] for d in per_device.values() if d[key] is not None]
+            return sum(values) / len(values) if values else None
+
+        busy = mean_of("gpu_busy_percent")
+        busy_running = mean_of("gpu_busy_percent_from_first_start")
+        peak = max((d["peak_gpu_memory_mib"] or 0 for d in per_device.values()), default=None)
         metrics = [r.get("metrics") or {} for r in rows.values()]
 
         def med(key):
@@ -296,14 +344,15 @@ def scenario_run(args, scenario, sampler):
         )
         return {
             "scenario": scenario,
-            "jobs": args.jobs,
+            "jobs": jobs,
+            "per_device": per_device,
             "states": {s: states.count(s) for s in set(states)},
             "pngs_in_storage": pngs,
             "worker_start_and_warm_up_s": warm_s,
             "window_s": finished - t0,
-            "images_per_s": args.jobs / (finished - t0),
-            "images_per_s_from_first_start": args.jobs / (finished - first_start),
-            "s_per_image": (finished - t0) / args.jobs,
+            "images_per_s": jobs / (finished - t0),
+            "images_per_s_from_first_start": jobs / (finished - first_start),
+            "s_per_image": (finished - t0) / jobs,
             "gpu_busy_percent": busy,
             "gpu_busy_percent_from_first_start": busy_running,
             "peak_gpu_memory_mib": peak,
@@ -316,7 +365,7 @@ def scenario_run(args, scenario, sampler):
             "median_upload_ms": med("upload_ms"),
             "batch_sizes": sorted(m.get("batch_size", 1) for m in metrics),
             # Each job: started and finished (seconds after the first publish), batch size,
-            # and its first and median step, to see where a run loses time.
+            # its first and median step and its device, to see where a run loses time.
             "timeline": sorted(
                 [
                     round(ts(r["started_at"]) - t0, 3),
@@ -324,6 +373,7 @@ def scenario_run(args, scenario, sampler):
                     (r.get("metrics") or {}).get("batch_size", 1),
                     ((r.get("metrics") or {}).get("step_ms") or [None])[0],
                     statistics.median((r.get("metrics") or {}).get("step_ms") or [0]),
+                    r.get("device"),
                 ]
                 for r in rows.values()
             ),
@@ -346,7 +396,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda:0")
-    p.add_argument("--jobs", type=int, default=12)
+    p.add_argument("--jobs", type=int, default=12, help="jobs per device in each scenario")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--pg-port", type=int, default=5432)
@@ -355,20 +405,23 @@ def main():
     p.add_argument(
         "--scenarios",
         default="1:2,4:8",
-        help="comma-separated max_batch:prefetch pairs",
+        help="comma-separated max_batch:prefetch[@device+device...] scenarios",
     )
     p.add_argument("--controlnet", help="a ControlNet export every job applies (as canny)")
     args = p.parse_args()
     args.out_dir = os.path.dirname(os.path.abspath(args.out))
     if args.controlnet:
         args.control_image = base64.b64encode(edge_png(args.size)).decode()
-    index = int(args.device.split(":")[1]) if ":" in args.device else 0
-    sampler = Sampler(index)
+    scenarios = []
+    for spec in args.scenarios.split(","):
+        sizes, _, devices = spec.partition("@")
+        max_batch, prefetch = (int(x) for x in sizes.split(":"))
+        devices = devices.split("+") if devices else [args.device]
+        scenarios.append({"max_batch": max_batch, "prefetch": prefetch, "devices": devices})
+    sampler = Sampler(sorted({gpu_index(d) for s in scenarios for d in s["devices"]}))
     results = []
     try:
-        for spec in args.scenarios.split(","):
-            max_batch, prefetch = (int(x) for x in spec.split(":"))
-            scenario = {"max_batch": max_batch, "prefetch": prefetch}
+        for scenario in scenarios:
             try:
                 result = scenario_run(args, scenario, sampler)
             except (SystemExit, subprocess.CalledProcessError) as err:
