@@ -3,11 +3,17 @@
 //! (`cuda.device_step`) compute exactly what the plain path computes, for single runs and for
 //! dynamic batches.
 //! Run on the CPU provider through `EngineOptions::bind_io_on_cpu`, so no GPU is needed.
+//! With `SDXL_TEST_DEVICE=cuda:N` the static-shape sessions capture CUDA graphs, and two
+//! engines on two threads check that a capture on one does not break the other's runs.
 
 mod common;
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
 
+use sdxl_worker::engine::capture_gate;
 use sdxl_worker::engine::cuda::CudaOptions;
 use sdxl_worker::engine::{
     Device, Engine, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
@@ -143,6 +149,72 @@ fn bound_buffers_and_static_shape_sessions_compute_what_the_plain_path_computes(
         false,
         "static shape reused",
     );
+}
+
+/// Two engines driven from two threads, as a worker with a GPU consumer per device drives them:
+/// one builds static-shape sessions (capturing CUDA graphs on a GPU) at each new shape while
+/// the other keeps running. Each unit of work holds the capture gate as the worker's engine
+/// threads do. Without the gate, on CUDA, the running thread's synchronizations invalidate the
+/// capture and the runs of both threads fail.
+#[test]
+fn a_capture_on_one_thread_does_not_break_runs_on_another() {
+    let plain = engine(false, false, 0);
+    let expected: Vec<GenerateOutput> = requests().iter().map(|r| run(&plain, r)).collect();
+    let stop = AtomicBool::new(false);
+    let (started, first_run) = mpsc::channel();
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| {
+            let bound = engine(true, false, 0);
+            let request = &requests()[0];
+            let mut runs = 0;
+            while runs < 2 || !stop.load(Ordering::Relaxed) {
+                {
+                    let _gpu = capture_gate::gpu_work();
+                    let output = run(&bound, request);
+                    assert_same(&expected[0], &output, false, "the other thread's run");
+                }
+                runs += 1;
+                if runs == 1 {
+                    started.send(()).expect("the test is waiting");
+                }
+            }
+            runs
+        });
+        // Stops the other thread also when an assertion below fails.
+        let _stop = StopOnDrop(&stop);
+        let capturing = engine(true, true, 8);
+        first_run
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the other thread's first run");
+        // Requests 0, 2 and 3 each need a new static shape; request 1 reuses the first.
+        let new_shape = [true, false, true, true];
+        for (i, request) in requests().iter().enumerate() {
+            let _gpu = capture_gate::gpu_work();
+            let output = run(&capturing, request);
+            assert_same(
+                &expected[i],
+                &output,
+                false,
+                &format!("capturing, request {i}"),
+            );
+            assert_eq!(
+                capture_gate::holds_exclusive(),
+                new_shape[i],
+                "request {i}: the gate is held exclusively exactly when a session was built"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        let runs = other.join().expect("the other thread");
+        assert!(runs >= 2, "the other thread ran {runs} times");
+    });
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 #[test]

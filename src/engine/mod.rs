@@ -9,6 +9,7 @@
 pub mod batch;
 mod built_graph;
 pub mod canny;
+pub mod capture_gate;
 pub mod control_image;
 pub mod controlnet;
 pub mod cuda;

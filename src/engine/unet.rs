@@ -23,6 +23,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType};
 
+use super::capture_gate;
 use super::model::{TimestepInput, Unet};
 use super::runtime::SessionOptions;
 use super::session::Component;
@@ -555,6 +556,9 @@ impl Engine {
         let dims: Vec<(&str, i64)> = dims.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let mut options = self.session_options();
         options.graph_capture = device_id >= 0;
+        // On a GPU this session captures a CUDA graph in this unit of work: no other GPU thread
+        // may run meanwhile (a no-op on a thread that holds no gate, such as a CPU consumer's).
+        capture_gate::exclusive_for_capture();
         let started = Instant::now();
         let component = Arc::new(Component::load_file_with_dims(
             unet.component.path(),

@@ -13,6 +13,10 @@
 //!
 //! With `worker.max_batch` above 1, compatible jobs that reach the thread together run as one
 //! batch (see [`super::engine_batch`]); jobs that cannot join wait in the thread's queue.
+//!
+//! On a GPU, each job, batch and model release holds the process-wide
+//! [`capture_gate`](crate::engine::capture_gate) shared, so that a CUDA graph capture on
+//! another consumer's GPU never overlaps this thread's CUDA work.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,7 +36,8 @@ use super::model_cache::ModelCache;
 use crate::engine::controlnet::{ControlNetPaths, ControlNets};
 use crate::engine::refiner::Refine;
 use crate::engine::{
-    Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, Progress,
+    capture_gate, Device, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest,
+    Progress,
 };
 
 /// A model to run: the configured name and its directory.
@@ -268,6 +273,8 @@ fn engine_loop(
         let (job, reply) = match command {
             Command::Run { job, reply } => (*job, reply),
             Command::Retain(models) => {
+                // Releasing a model frees GPU memory: a unit of GPU work.
+                let _gpu = gpu_work(&options);
                 let keep = |name: &str, path: &std::path::Path| {
                     models.iter().any(|m| m.name == name && m.path == path)
                 };
@@ -294,6 +301,7 @@ fn engine_loop(
             }
             batch = live;
         }
+        let gpu = gpu_work(&options);
         let results = if batch.len() > 1 {
             engine_batch::run_batch(&options, &mut cache, &mut controlnets, batch)
         } else if let Some((job, reply)) = batch.pop() {
@@ -308,6 +316,7 @@ fn engine_loop(
         } else {
             continue;
         };
+        drop(gpu);
         // Published before the replies, so that a job's status report names the models
         // loaded for it.
         *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -317,6 +326,17 @@ fn engine_loop(
             let _ = reply.send(result);
         }
     }
+    // The models' sessions free their GPU memory here.
+    let _gpu = gpu_work(&options);
+    drop(controlnets);
+    drop(cache);
+}
+
+/// The engine thread's hold on the process-wide capture gate for one unit of work on a GPU
+/// (see [`capture_gate`]): a CPU consumer takes none, so that a long CPU job never delays a
+/// GPU consumer's CUDA graph capture.
+fn gpu_work(options: &EngineOptions) -> Option<capture_gate::GpuWork> {
+    matches!(options.device, Device::Cuda { .. }).then(capture_gate::gpu_work)
 }
 
 /// Runs one job alone.

@@ -137,6 +137,9 @@ impl<'a> ControlRun<'a> {
         let dims: Vec<(&str, i64)> = dims.iter().map(|(n, d)| (n.as_str(), *d)).collect();
         let mut options = *options;
         options.graph_capture = device_id >= 0;
+        // On a GPU this session captures a CUDA graph in this unit of work: no other GPU thread
+        // may run meanwhile (a no-op on a thread that holds no gate, such as a CPU consumer's).
+        crate::engine::capture_gate::exclusive_for_capture();
         let started = Instant::now();
         let component = match Component::load_file_with_dims(&key.path, &options, &dims) {
             Ok(component) => Arc::new(component),
