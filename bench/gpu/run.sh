@@ -280,7 +280,7 @@ case "$cmd" in
       sleep 10
     done
     tr '\r' '\n' < "$work/$name.log" | grep -v '^fusion' | tail -5 | cut -c1-2000
-    tr '\r' '\n' < "$work/$name.log" | grep '^fusion' | tail -1
+    tr '\r' '\n' < "$work/$name.log" | { grep '^fusion' || true; } | tail -1
     if [ ! -f "$work/$name.rc" ]; then echo "$name still running"; exit 3; fi
     cp "$work/$name.log" "$out/"
     [ "$name" = cn-prepare ] && tail -1 "$work/$name.log" > "$work/optimize-cn.json"
