@@ -15,6 +15,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use sdxl_worker::engine::capture_gate;
 use sdxl_worker::engine::control_image::ControlImage;
 use sdxl_worker::engine::controlnet::{
     ControlNetPaths, ControlNets, ControlRequest, ControlType, ControlUnit,
@@ -369,6 +370,44 @@ fn device_bound_controlnets_match_diffusers_and_the_host_path() {
         failures.extend(against_host(what, context, &expected, &plain(engine), 1e-4));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Building a static-shape ControlNet session (one that captures a CUDA graph on a GPU) takes
+/// the capture gate alone for the rest of the unit of work, as building the UNet's does; runs
+/// that build nothing keep it shared (see `sdxl_worker::engine::capture_gate`).
+#[test]
+fn a_static_controlnet_session_is_built_under_the_capture_gate_alone() {
+    let dir = golden_dir();
+    let manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let case = &manifest.cases[0];
+    let request = request_of(case, &dir);
+    let control = control_of(case, &dir, controlnets());
+    let engine = bound_engine(true);
+    let exclusive_after = |run: &dyn Fn()| {
+        let _gpu = capture_gate::gpu_work();
+        run();
+        capture_gate::holds_exclusive()
+    };
+    let plain = || {
+        engine
+            .generate(&request, &mut |_| ControlFlow::Continue(()))
+            .expect("generate without ControlNets");
+    };
+    let with_control = || {
+        controlled(&engine, &request, &control);
+    };
+    assert!(
+        exclusive_after(&plain),
+        "the UNet's static session was built"
+    );
+    assert!(!exclusive_after(&plain), "nothing new was built");
+    // Same UNet shape: only the ControlNets' static sessions are new.
+    assert!(
+        exclusive_after(&with_control),
+        "the ControlNets' static sessions were built"
+    );
+    assert!(!exclusive_after(&with_control), "nothing new was built");
 }
 
 #[test]
