@@ -24,7 +24,6 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 /// Who holds the gate. Writers go first: once a capture waits, new shared holds wait behind
 /// it, so that a consumer taking job after job back to back cannot keep it waiting (a plain
 /// `RwLock` lets a reader that re-locks at once win that race again and again).
-#[derive(Default)]
 struct State {
     shared: usize,
     exclusive: bool,
