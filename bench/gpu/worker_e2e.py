@@ -267,14 +267,16 @@ def warm_up(args, config, scenario):
     if len(devices) == 1:
         per_round = scenario["max_batch"]
     seen = set()
+    attempts = []
     for attempt in range(3):
         ids = submit_all(args, config, per_round, 1000 + attempt * per_round)
         for warm_id, warm_row in wait_all(args, config, ids, 600).items():
             if warm_row["state"] != "succeeded":
                 raise SystemExit(f"warm-up job {warm_id}: {json.dumps(warm_row)}")
             seen.add(warm_row.get("device"))
+            attempts.append(warm_row.get("attempt", 1))
         if all(d in seen for d in devices):
-            return
+            return attempts
     raise SystemExit(f"warm-up jobs ran on {sorted(map(str, seen))}, not on all of {devices}")
 
 
@@ -297,7 +299,7 @@ def scenario_run(args, scenario, sampler):
         started = time.time()
         # As many warm-up jobs as one batch holds, published together: the batched shapes
         # pay their one-time costs (cuDNN's algorithm search) before the measured window.
-        warm_up(args, config, scenario)
+        warm_attempts = warm_up(args, config, scenario)
         warm_s = time.time() - started
         t0 = time.time()
         jobs = args.jobs * len(scenario["devices"])
@@ -348,6 +350,13 @@ def scenario_run(args, scenario, sampler):
             "per_device": per_device,
             "states": {s: states.count(s) for s in set(states)},
             "pngs_in_storage": pngs,
+            # A job whose first attempt failed (and a retry succeeded) counts here: with every
+            # attempt fine, each is 1.
+            "attempts": {
+                "warm_up": warm_attempts,
+                "max": max(r.get("attempt", 1) for r in rows.values()),
+                "retried_jobs": sum(1 for r in rows.values() if r.get("attempt", 1) > 1),
+            },
             "worker_start_and_warm_up_s": warm_s,
             "window_s": finished - t0,
             "images_per_s": jobs / (finished - t0),
