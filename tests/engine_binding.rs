@@ -16,7 +16,7 @@ use std::time::Duration;
 use sdxl_worker::engine::capture_gate;
 use sdxl_worker::engine::cuda::CudaOptions;
 use sdxl_worker::engine::{
-    Device, Engine, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
+    Device, Engine, EngineError, EngineOptions, GenerateOutput, GenerateRequest, SchedulerKind,
 };
 
 /// Guidance and the scheduler on the host, with the UNet's inputs bound or not.
@@ -250,6 +250,9 @@ fn guidance_and_euler_steps_on_the_device_compute_what_the_host_computes() {
         let got = run(&on_device, request);
         assert_same(&expected, &got, true, &format!("device step, request {i}"));
         assert_eq!(got.timings.per_step.len(), request.steps as usize);
+        // The first four are Euler without guidance rescale; the others step on the host.
+        let on_device = if i < 4 { request.steps as usize } else { 0 };
+        assert_eq!(got.timings.device_steps, on_device, "request {i}");
         assert_same(
             &expected,
             &run(&graphs, request),
@@ -300,5 +303,162 @@ fn batches_on_bound_buffers_compute_what_the_plain_path_computes() {
                 &format!("static-shape batch {round}, job {i}"),
             );
         }
+    }
+}
+
+/// A dynamic batch with every run on the Euler update.
+fn euler_batch(engine: &Engine, jobs: &[GenerateRequest]) -> Vec<GenerateOutput> {
+    let refs: Vec<&GenerateRequest> = jobs.iter().collect();
+    engine
+        .generate_batch(&refs, &mut |_, _| ControlFlow::Continue(()))
+        .into_iter()
+        .map(|r| r.expect("batched run"))
+        .collect()
+}
+
+#[test]
+fn batches_step_on_the_device_as_their_runs_step_alone_on_the_host() {
+    let plain = engine(false, false, 0);
+    let on_device = engine_with(CudaOptions {
+        device_step: true,
+        ..CudaOptions::default()
+    });
+    let graphs = engine_with(CudaOptions {
+        device_step: true,
+        graph: true,
+        graph_shapes: 2,
+        ..CudaOptions::default()
+    });
+    let base = common::basic_request();
+    assert_eq!(base.scheduler, SchedulerKind::Euler);
+    // Each run with its own prompt, seed, image count and guidance scale: the step graph must
+    // pick each image's rows and apply its own run's scale.
+    let jobs = [
+        base.clone(),
+        GenerateRequest {
+            prompt: "a watercolor of a lighthouse at dusk".into(),
+            negative_prompt: None,
+            seed: 11,
+            num_images: 2,
+            guidance_scale: 7.5,
+            ..base.clone()
+        },
+        GenerateRequest {
+            prompt: "a bowl of ramen".into(),
+            seed: 23,
+            guidance_scale: 3.0,
+            ..base.clone()
+        },
+    ];
+    // Without guidance the rows are the images.
+    let unguided = [
+        GenerateRequest {
+            guidance_scale: 1.0,
+            seed: 5,
+            ..base.clone()
+        },
+        GenerateRequest {
+            guidance_scale: 1.0,
+            num_images: 2,
+            seed: 6,
+            ..base.clone()
+        },
+    ];
+    for (set, jobs) in [("guided", &jobs[..]), ("unguided", &unguided[..])] {
+        for (i, (job, got)) in jobs.iter().zip(euler_batch(&on_device, jobs)).enumerate() {
+            let what = format!("{set} batch on the device, job {i}");
+            assert_eq!(got.batch_size, jobs.len(), "{what}");
+            assert_eq!(got.timings.device_steps, job.steps as usize, "{what}");
+            assert_same(&run(&plain, job), &got, true, &what);
+        }
+    }
+    // Twice: the second batch replays the first one's static session.
+    for round in 0..2 {
+        for (i, (job, got)) in jobs.iter().zip(euler_batch(&graphs, &jobs)).enumerate() {
+            let what = format!("static-shape batch {round} on the device, job {i}");
+            assert_eq!(got.timings.device_steps, job.steps as usize, "{what}");
+            assert_same(&run(&plain, job), &got, false, &what);
+        }
+    }
+    // One run with guidance rescale keeps the whole batch on the host.
+    let rescaled = [
+        base.clone(),
+        GenerateRequest {
+            guidance_rescale: 0.7,
+            seed: 5,
+            ..base
+        },
+    ];
+    for (i, (job, got)) in rescaled
+        .iter()
+        .zip(euler_batch(&on_device, &rescaled))
+        .enumerate()
+    {
+        assert_eq!(got.batch_size, 2);
+        assert_eq!(got.timings.device_steps, 0, "rescaled batch, job {i}");
+        assert_same(
+            &run(&plain, job),
+            &got,
+            true,
+            &format!("rescaled batch, job {i}"),
+        );
+    }
+}
+
+#[test]
+fn runs_that_leave_a_batch_stepped_on_the_device_leave_the_others_exact() {
+    let plain = engine(false, false, 0);
+    let on_device = engine_with(CudaOptions {
+        device_step: true,
+        ..CudaOptions::default()
+    });
+    let base = common::basic_request();
+    let jobs = [
+        base.clone(),
+        // Cancelled after its second step: the others go on as a batch of two.
+        GenerateRequest {
+            prompt: "a watercolor of a lighthouse at dusk".into(),
+            seed: 11,
+            ..base.clone()
+        },
+        // A guidance scale that overflows the latents: this run fails, the others do not.
+        GenerateRequest {
+            seed: 12,
+            guidance_scale: 3.0e38,
+            ..base.clone()
+        },
+        GenerateRequest {
+            prompt: "a bowl of ramen".into(),
+            seed: 23,
+            num_images: 2,
+            ..base
+        },
+    ];
+    let refs: Vec<&GenerateRequest> = jobs.iter().collect();
+    let mut seen = vec![0u32; jobs.len()];
+    let results = on_device.generate_batch(&refs, &mut |index, progress| {
+        seen[index] = progress.step;
+        if index == 1 && progress.step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(
+        matches!(results[1], Err(EngineError::Cancelled)),
+        "{:?}",
+        results[1].as_ref().err()
+    );
+    assert!(
+        matches!(results[2], Err(EngineError::NonFinite { .. })),
+        "{:?}",
+        results[2].as_ref().err()
+    );
+    // The overflow shows when the latents come back from the device, here as run 1 leaves.
+    assert_eq!(seen, [4, 2, 2, 4]);
+    for i in [0, 3] {
+        let got = results[i].as_ref().expect("a run that stayed");
+        assert_eq!(got.timings.device_steps, jobs[i].steps as usize);
+        assert_same(&run(&plain, &jobs[i]), got, true, &format!("job {i}"));
     }
 }

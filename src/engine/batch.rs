@@ -13,11 +13,18 @@
 //! A run that is cancelled or whose prediction goes non-finite leaves the batch at that step;
 //! the others go on with a smaller batch. When a batched UNet call itself fails (running out
 //! of device memory, say), each run of the batch carries on alone from that step.
+//!
+//! With [`CudaOptions::device_step`](super::cuda::CudaOptions) and the UNet bound to the device,
+//! a batch whose runs all take the plain Euler update (and no guidance rescale) keeps its
+//! latents there: one step graph run per step does every run's guidance and update
+//! ([`super::device_step`]), as for a single run. A non-finite value is then found when the
+//! latents come back (at the end, or when a run leaves), not at the step that made it.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::controlnet::ControlRun;
+use super::device_step::{DeviceStep, MemberRows};
 use super::pipeline::{fill_block, update_block, Prepared, RunShape};
 use super::refiner::AestheticScores;
 use super::unet::UnetRunner;
@@ -224,6 +231,19 @@ impl Engine {
             combined.latent_w as i64,
         ];
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
+        if self.batch_steps_on_device(active, *i, timesteps.len()) {
+            if let Some(device_id) = runner.device_id() {
+                let (runs, from) = (&mut *active, *i);
+                let mut batch = InPlace {
+                    runs,
+                    timesteps,
+                    start,
+                    total,
+                    from,
+                };
+                return self.batch_steps_in_place(&mut batch, i, progress, &mut runner, device_id);
+            }
+        }
         let mut model_input = vec![0.0f32; rows * per_image];
         let mut guided = vec![0.0f32; combined.images * per_image];
         let mut left = Vec::new();
@@ -290,6 +310,178 @@ impl Engine {
             *i += 1;
             if !left.is_empty() {
                 break;
+            }
+        }
+        Ok(left)
+    }
+}
+
+/// A batch stepped on the device: its runs, the schedule, and the step it resumes at.
+struct InPlace<'a, 'm> {
+    runs: &'a mut [Member<'m>],
+    timesteps: &'a [f64],
+    /// The runs' first step (progress counts from there).
+    start: usize,
+    total: u32,
+    /// The step this stretch of the batch starts at.
+    from: usize,
+}
+
+impl Engine {
+    /// Whether guidance and every run's scheduler update over `from..end` can run on the
+    /// device.
+    fn batch_steps_on_device(&self, active: &[Member<'_>], from: usize, end: usize) -> bool {
+        self.options.cuda.device_step
+            && active.iter().all(|m| {
+                m.request.guidance_rescale <= 0.0
+                    && (from..end).all(|i| m.run.scheduler.euler_epsilon(i).is_some())
+            })
+    }
+
+    /// [`Self::batch_steps`] with the latents on the device: the step graph writes the next
+    /// input into the UNet's bound sample buffer, and the latents come back into the runs when
+    /// the batch ends or a run leaves it. On an error, the runs' latents are those before the
+    /// failed step when they could be brought back (`*i` is that step), else those at
+    /// `batch.from` (`*i` and the runs' timings go back there).
+    fn batch_steps_in_place(
+        &self,
+        batch: &mut InPlace<'_, '_>,
+        i: &mut usize,
+        progress: &mut BatchProgressFn<'_>,
+        runner: &mut UnetRunner<'_>,
+        device_id: i32,
+    ) -> Result<Left, EngineError> {
+        let runs = &mut *batch.runs;
+        let shape = RunShape {
+            images: runs.iter().map(|m| m.run.shape.images).sum(),
+            ..runs[0].run.shape
+        };
+        let per_image = shape.per_image();
+        let members = MemberRows {
+            images: runs.iter().map(|m| m.run.shape.images).collect(),
+            guidance: shape.guidance,
+        };
+        let mut latents = Vec::with_capacity(shape.images * per_image);
+        let mut model_input = vec![0.0f32; shape.unet_rows() * per_image];
+        let mut offset = 0;
+        for m in runs.iter() {
+            latents.extend_from_slice(&m.run.latents);
+            let len = m.run.shape.unet_rows() * per_image;
+            let block = &mut model_input[offset..offset + len];
+            fill_block(
+                m.run.scheduler.as_ref(),
+                &m.run.latents,
+                *i,
+                shape.guidance,
+                block,
+            );
+            offset += len;
+        }
+        let latent_shape = [
+            shape.images as i64,
+            shape.channels as i64,
+            shape.latent_h as i64,
+            shape.latent_w as i64,
+        ];
+        let (sample, prediction) =
+            runner
+                .bound_io()
+                .ok_or_else(|| EngineError::UnexpectedOutput {
+                    stage: "UNet",
+                    message: "the UNet's buffers are not bound".to_owned(),
+                })?;
+        let mut stepper = DeviceStep::new(
+            &self.step_graphs,
+            &self.session_options(),
+            device_id,
+            sample,
+            prediction,
+            latent_shape,
+            shape.guidance,
+            Vec::new(),
+            Some(members),
+        )?;
+        stepper.upload_latents(&latents)?;
+        let first_copy = runner.upload_sample(&model_input)?;
+        let saved: Vec<_> = runs.iter().map(|m| m.run.timings.clone()).collect();
+        let mut left = Vec::new();
+        let mut failure = None;
+        while *i < batch.timesteps.len() {
+            let step_started = Instant::now();
+            let (session_time, mut copy_time) = match runner.step_in_place(batch.timesteps[*i]) {
+                Ok(times) => times,
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            };
+            if *i == batch.from {
+                copy_time += first_copy;
+            }
+            let coefficients: Vec<(f32, f32, f32)> = runs
+                .iter()
+                .map(|m| {
+                    let (sigma, sigma_next) = m
+                        .run
+                        .scheduler
+                        .euler_epsilon(*i)
+                        .expect("checked for every step of the range");
+                    (m.request.guidance_scale, sigma, sigma_next)
+                })
+                .collect();
+            let step_time = match stepper.step_members(&coefficients) {
+                Ok(time) => time,
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            };
+            let elapsed = step_started.elapsed();
+            for m in runs.iter_mut() {
+                let timings = &mut m.run.timings;
+                timings.per_step.push(elapsed);
+                timings.per_step_session_run.push(session_time + step_time);
+                timings.per_step_copies.push(copy_time);
+                timings.denoising_session_run += session_time + step_time;
+                timings.device_steps += 1;
+                let step = (*i + 1 - batch.start) as u32;
+                let total = batch.total;
+                if progress(m.index, Progress { step, total }).is_break() {
+                    left.push((m.index, Err(EngineError::Cancelled)));
+                }
+            }
+            *i += 1;
+            if !left.is_empty() {
+                break;
+            }
+        }
+        if let Err(err) = stepper.download_latents(&mut latents) {
+            // The runs keep their latents from `from`: they go on from there.
+            for (m, timings) in runs.iter_mut().zip(saved) {
+                m.run.timings = timings;
+            }
+            *i = batch.from;
+            return Err(failure.unwrap_or(err));
+        }
+        let mut offset = 0;
+        for m in runs.iter_mut() {
+            let len = m.run.latents.len();
+            m.run
+                .latents
+                .copy_from_slice(&latents[offset..offset + len]);
+            offset += len;
+        }
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        for m in runs.iter() {
+            let gone = left.iter().any(|(index, _)| *index == m.index);
+            if !gone && m.run.latents.iter().any(|v| !v.is_finite()) {
+                let err = EngineError::NonFinite {
+                    stage: "UNet",
+                    hint: String::new(),
+                };
+                left.push((m.index, Err(err)));
             }
         }
         Ok(left)

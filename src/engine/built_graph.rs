@@ -80,6 +80,24 @@ pub(crate) fn add_split(
     graph.add_node(Node::new("Split", ONNX_DOMAIN, name, [input], outputs, [])?)
 }
 
+/// Add a Split of `input` into `outputs` equal parts along `axis`.
+pub(crate) fn add_split_axis(
+    graph: &mut Graph,
+    name: &str,
+    input: &str,
+    outputs: &[&str],
+    axis: i64,
+) -> ort::Result<()> {
+    graph.add_node(Node::new(
+        "Split",
+        ONNX_DOMAIN,
+        name,
+        [input],
+        outputs,
+        [Attribute::new("axis", axis)?],
+    )?)
+}
+
 /// The model holding `graph`, at the opset these helpers write for.
 pub(crate) fn model(graph: Graph) -> ort::Result<Model> {
     let mut model = Model::new([Opset::new(ONNX_DOMAIN, 17)?])?;

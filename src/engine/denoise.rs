@@ -195,6 +195,7 @@ impl Engine {
             latent_shape,
             shape.guidance,
             controls,
+            None,
         )?;
         if let Some(control) = control.as_mut() {
             for k in 0..control.control_inputs().len() {
@@ -230,6 +231,7 @@ impl Engine {
                 .push(session_time + step_time);
             state.timings.per_step_copies.push(copy_time);
             state.timings.denoising_session_run += session_time + step_time;
+            state.timings.device_steps += 1;
             if progress(Progress {
                 step: (i - start) as u32 + 1,
                 total,

@@ -11,6 +11,11 @@
 //! so on the CPU the two paths give the same bits. Only the plain Euler update of an epsilon
 //! prediction runs here (see [`Scheduler::euler_epsilon`](super::scheduler::Scheduler)); a
 //! NaN or infinity is found when the latents come back rather than at the step that made it.
+//!
+//! A dynamic batch ([`super::batch`]) steps all of its runs with one graph run: the UNet's rows
+//! are each run's `[negative; positive]` block in turn, so the graph picks each image's two
+//! rows and writes each run's input rows by index ([`MemberRows`]), and every image carries
+//! its own run's guidance scale and σ's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +23,10 @@ use std::time::{Duration, Instant};
 use ort::editor::{Graph, Model};
 use ort::memory::{AllocationDevice, Allocator};
 use ort::session::IoBinding;
-use ort::value::{DynTensor, Outlet, TensorElementType};
+use ort::value::{DynTensor, Outlet, Tensor, TensorElementType};
 
 use super::built_graph::{
-    add, add_cast, add_concat_rows, add_split, model, tensor_type, BuiltGraphs,
+    add, add_cast, add_concat_rows, add_split, add_split_axis, model, tensor_type, BuiltGraphs,
 };
 use super::runtime::SessionOptions;
 use super::session::Component;
@@ -49,6 +54,48 @@ pub(crate) struct StepSpec {
     /// The ControlNets' sample inputs: each one's type and whether it takes only the positive
     /// rows (guess mode under guidance).
     pub controls: Vec<ControlInput>,
+    /// The rows belong to several runs (a dynamic batch): coefficients per image, and the
+    /// prediction's rows and the next input's rows picked by index ([`MemberRows`]).
+    pub batched: bool,
+}
+
+/// Where each image's rows are in a dynamic batch's UNet rows: the runs' blocks follow each
+/// other, each `[negative; positive]` under guidance (just its images without).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberRows {
+    /// Number of images of each run, in row order.
+    pub images: Vec<usize>,
+    /// Whether each run's block holds negative then positive rows.
+    pub guidance: bool,
+}
+
+impl MemberRows {
+    /// All the runs' images.
+    pub fn total(&self) -> usize {
+        self.images.iter().sum()
+    }
+
+    /// For each image (in order), the UNet rows of its negative and its positive prediction,
+    /// and for each UNet row the image whose next input it takes. Without guidance the rows
+    /// are the images.
+    fn indices(&self) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+        let (mut negative, mut positive, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut row, mut image) = (0i64, 0i64);
+        for &k in &self.images {
+            let k = k as i64;
+            if self.guidance {
+                negative.extend(row..row + k);
+                positive.extend(row + k..row + 2 * k);
+                input.extend((image..image + k).chain(image..image + k));
+                row += 2 * k;
+            } else {
+                input.extend(image..image + k);
+                row += k;
+            }
+            image += k;
+        }
+        (negative, positive, input)
+    }
 }
 
 /// The sample input of one ControlNet fed by the step graph.
@@ -73,16 +120,25 @@ fn cast_out(graph: &mut Graph, from: &str, to: &str, elem: TensorElementType) ->
 }
 
 /// The step graph: inputs `latents` (float32), `noise_pred` (the UNet's output) and `coef`
-/// (float32 `[g, σ, dt, (σ_next² + 1)^½]`); outputs `latents_out`, `model_input` and one
+/// (float32 `[g, σ, dt, (σ_next² + 1)^½]`; batched: those four for each image, shape
+/// `[images, 4, 1, 1]`, and under guidance the int64 row indices `negative_rows`,
+/// `positive_rows` and `input_rows`); outputs `latents_out`, `model_input` and one
 /// `control_input_{k}` per ControlNet.
 fn build(spec: &StepSpec) -> ort::Result<Model> {
     let f32 = TensorElementType::Float32;
     let mut graph = Graph::new()?;
-    graph.set_inputs([
+    let mut inputs = vec![
         Outlet::new("latents", tensor_type(f32, 4)),
         Outlet::new("noise_pred", tensor_type(spec.prediction, 4)),
-        Outlet::new("coef", tensor_type(f32, 1)),
-    ])?;
+        Outlet::new("coef", tensor_type(f32, if spec.batched { 4 } else { 1 })),
+    ];
+    let indexed = spec.batched && spec.guidance;
+    if indexed {
+        for name in ROW_INPUTS {
+            inputs.push(Outlet::new(name, tensor_type(TensorElementType::Int64, 1)));
+        }
+    }
+    graph.set_inputs(inputs)?;
     let mut outputs = vec![
         Outlet::new("latents_out", tensor_type(f32, 4)),
         Outlet::new("model_input", tensor_type(spec.sample, 4)),
@@ -91,19 +147,26 @@ fn build(spec: &StepSpec) -> ort::Result<Model> {
         outputs.push(Outlet::new(control_output(k), tensor_type(control.elem, 4)));
     }
     graph.set_outputs(outputs)?;
-    add_split(
-        &mut graph,
-        "coefficients",
-        "coef",
-        &["g", "sigma", "dt", "input_div"],
-    )?;
+    // One coefficient each, or per image `[images, 1, 1, 1]`, which broadcasts over the
+    // image's latents.
+    let coefficients = ["g", "sigma", "dt", "input_div"];
+    if spec.batched {
+        add_split_axis(&mut graph, "coefficients", "coef", &coefficients, 1)?;
+    } else {
+        add_split(&mut graph, "coefficients", "coef", &coefficients)?;
+    }
     let mut pred = "noise_pred";
     if spec.prediction != f32 {
         add_cast(&mut graph, "noise_pred", "pred", f32)?;
         pred = "pred";
     }
     let eps = if spec.guidance {
-        add_split(&mut graph, "halves", pred, &["uncond", "cond"])?;
+        if indexed {
+            add(&mut graph, "Gather", &[pred, ROW_INPUTS[0]], "uncond")?;
+            add(&mut graph, "Gather", &[pred, ROW_INPUTS[1]], "cond")?;
+        } else {
+            add_split(&mut graph, "halves", pred, &["uncond", "cond"])?;
+        }
         add(&mut graph, "Sub", &["cond", "uncond"], "diff")?;
         add(&mut graph, "Mul", &["g", "diff"], "pull")?;
         add(&mut graph, "Add", &["uncond", "pull"], "eps")?;
@@ -119,7 +182,10 @@ fn build(spec: &StepSpec) -> ort::Result<Model> {
     add(&mut graph, "Add", &["latents", "delta"], "latents_out")?;
     add(&mut graph, "Div", &["latents_out", "input_div"], "scaled")?;
     let mut input = "scaled";
-    if spec.guidance {
+    if indexed {
+        add(&mut graph, "Gather", &["scaled", ROW_INPUTS[2]], "both")?;
+        input = "both";
+    } else if spec.guidance {
         add_concat_rows(&mut graph, &["scaled", "scaled"], "both")?;
         input = "both";
     }
@@ -135,6 +201,19 @@ fn build(spec: &StepSpec) -> ort::Result<Model> {
     model(graph)
 }
 
+/// A batched graph's row-index inputs (see [`MemberRows::indices`]).
+const ROW_INPUTS: [&str; 3] = ["negative_rows", "positive_rows", "input_rows"];
+
+/// `[g, σ, dt, (σ_next² + 1)^½]`, the order of the graph's `coef`.
+fn coefficients(g: f32, sigma: f32, sigma_next: f32) -> [f32; 4] {
+    [
+        g,
+        sigma,
+        sigma_next - sigma,
+        super::scheduler::input_scale(sigma_next),
+    ]
+}
+
 /// The step graphs an engine has built, by spec.
 pub(crate) type StepGraphs = BuiltGraphs<StepSpec>;
 
@@ -145,6 +224,8 @@ pub(crate) struct DeviceStep {
     bindings: [IoBinding; 2],
     latents: [DynTensor; 2],
     current: usize,
+    /// A dynamic batch's runs (`None`: one run).
+    members: Option<MemberRows>,
     _allocator: Allocator,
 }
 
@@ -152,7 +233,9 @@ impl DeviceStep {
     /// Bind a step graph to the UNet's bound `sample` input and `prediction` output, with
     /// latents of `shape` on device `device_id` (negative: the CPU). With `controls`, the
     /// graph also writes each step's input for that many ControlNets, whose buffers are bound
-    /// with [`Self::bind_control`] before the first step.
+    /// with [`Self::bind_control`] before the first step. With `members`, the rows are a
+    /// dynamic batch's runs (their guidance must be `guidance`), stepped with
+    /// [`Self::step_members`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         graphs: &StepGraphs,
@@ -163,13 +246,31 @@ impl DeviceStep {
         shape: [i64; 4],
         guidance: bool,
         controls: Vec<ControlInput>,
+        members: Option<MemberRows>,
     ) -> Result<Self, EngineError> {
         let spec = StepSpec {
             prediction: *prediction.data_type(),
             sample: *sample.data_type(),
             guidance,
             controls,
+            batched: members.is_some(),
         };
+        // The row indices are the same for every step: host tensors bound once.
+        let rows = match &members {
+            Some(m) if guidance => {
+                let (negative, positive, input) = m.indices();
+                let value = |v: Vec<i64>| Tensor::from_array(([v.len()], v));
+                Some([value(negative), value(positive), value(input)])
+            }
+            _ => None,
+        };
+        let rows = rows
+            .map(|r| -> ort::Result<_> {
+                let [a, b, c] = r;
+                Ok([a?, b?, c?])
+            })
+            .transpose()
+            .map_err(step_err)?;
         let label = || {
             let guidance = if spec.guidance { "" } else { ", no guidance" };
             let controls = match spec.controls.len() {
@@ -190,6 +291,11 @@ impl DeviceStep {
                     binding.bind_input("noise_pred", prediction)?;
                     binding.bind_output("latents_out", to)?;
                     binding.bind_output("model_input", &mut *sample)?;
+                    if let Some(rows) = &rows {
+                        for (name, value) in ROW_INPUTS.iter().zip(rows) {
+                            binding.bind_input(*name, value)?;
+                        }
+                    }
                     Ok(binding)
                 };
                 let forward = bind(&a, &mut b)?;
@@ -203,6 +309,7 @@ impl DeviceStep {
             bindings,
             latents,
             current: 0,
+            members,
             _allocator: allocator,
         })
     }
@@ -239,21 +346,57 @@ impl DeviceStep {
         sigma_next: f32,
     ) -> Result<Duration, EngineError> {
         let started = Instant::now();
-        let coef = [
-            g,
-            sigma,
-            sigma_next - sigma,
-            super::scheduler::input_scale(sigma_next),
-        ];
+        let coef = coefficients(g, sigma, sigma_next);
         let coef =
             tensor::float_value(TensorElementType::Float32, &[4], &coef).map_err(step_err)?;
+        self.run(coef)?;
+        Ok(started.elapsed())
+    }
+
+    /// One step of a dynamic batch: `(g, σ, σ_next)` for each run, in row order.
+    pub(crate) fn step_members(
+        &mut self,
+        runs: &[(f32, f32, f32)],
+    ) -> Result<Duration, EngineError> {
+        let started = Instant::now();
+        let Some(members) = &self.members else {
+            return Err(EngineError::UnexpectedOutput {
+                stage: STAGE,
+                message: "a batched step on a single run's step graph".to_owned(),
+            });
+        };
+        if runs.len() != members.images.len() {
+            return Err(EngineError::UnexpectedOutput {
+                stage: STAGE,
+                message: format!(
+                    "{} runs' coefficients for {} runs",
+                    runs.len(),
+                    members.images.len()
+                ),
+            });
+        }
+        let mut coef = Vec::with_capacity(members.total() * 4);
+        for (&(g, sigma, sigma_next), &images) in runs.iter().zip(&members.images) {
+            let one = coefficients(g, sigma, sigma_next);
+            for _ in 0..images {
+                coef.extend_from_slice(&one);
+            }
+        }
+        let shape = [members.total() as i64, 4, 1, 1];
+        let coef =
+            tensor::float_value(TensorElementType::Float32, &shape, &coef).map_err(step_err)?;
+        self.run(coef)?;
+        Ok(started.elapsed())
+    }
+
+    fn run(&mut self, coef: ort::value::DynValue) -> Result<(), EngineError> {
         let binding = &mut self.bindings[self.current];
         binding.bind_input("coef", &coef).map_err(step_err)?;
         self.graph
             .with_session(|session| session.run_binding(binding).map(drop))
             .map_err(step_err)?;
         self.current = 1 - self.current;
-        Ok(started.elapsed())
+        Ok(())
     }
 
     /// Copy the latents back into `latents`.

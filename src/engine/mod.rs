@@ -204,6 +204,9 @@ pub struct StageTimings {
     /// `Session::run`). What is left of a step besides this and `per_step_session_run` is host
     /// work: guidance, the scheduler update and float16 conversions.
     pub per_step_copies: Vec<Duration>,
+    /// Steps whose guidance and scheduler update ran on the device
+    /// ([`CudaOptions::device_step`](cuda::CudaOptions)); the others ran on the host.
+    pub device_steps: usize,
     /// Time inside `Session::run` during text encoding.
     pub text_encoding_session_run: Duration,
     /// Time inside `Session::run` during VAE decoding.
