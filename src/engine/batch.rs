@@ -24,7 +24,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::controlnet::ControlRun;
-use super::device_step::{DeviceStep, MemberRows};
+use super::device_step::DeviceStep;
 use super::pipeline::{fill_block, update_block, Prepared, RunShape};
 use super::refiner::AestheticScores;
 use super::unet::UnetRunner;
@@ -357,10 +357,7 @@ impl Engine {
             ..runs[0].run.shape
         };
         let per_image = shape.per_image();
-        let members = MemberRows {
-            images: runs.iter().map(|m| m.run.shape.images).collect(),
-            guidance: shape.guidance,
-        };
+        let members: Vec<usize> = runs.iter().map(|m| m.run.shape.images).collect();
         let mut latents = Vec::with_capacity(shape.images * per_image);
         let mut model_input = vec![0.0f32; shape.unet_rows() * per_image];
         let mut offset = 0;

@@ -14,7 +14,7 @@
 //!
 //! A dynamic batch ([`super::batch`]) steps all of its runs with one graph run: the UNet's rows
 //! are each run's `[negative; positive]` block in turn, so the graph picks each image's two
-//! rows and writes each run's input rows by index ([`MemberRows`]), and every image carries
+//! rows and writes each run's input rows by index ([`row_indices`]), and every image carries
 //! its own run's guidance scale and σ's.
 
 use std::sync::Arc;
@@ -54,48 +54,28 @@ pub(crate) struct StepSpec {
     /// The ControlNets' sample inputs: each one's type and whether it takes only the positive
     /// rows (guess mode under guidance).
     pub controls: Vec<ControlInput>,
-    /// The rows belong to several runs (a dynamic batch): coefficients per image, and the
-    /// prediction's rows and the next input's rows picked by index ([`MemberRows`]).
+    /// The rows belong to several runs (a dynamic batch): coefficients per image, and under
+    /// guidance the prediction's rows and the next input's rows picked by index
+    /// ([`row_indices`]).
     pub batched: bool,
 }
 
-/// Where each image's rows are in a dynamic batch's UNet rows: the runs' blocks follow each
-/// other, each `[negative; positive]` under guidance (just its images without).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MemberRows {
-    /// Number of images of each run, in row order.
-    pub images: Vec<usize>,
-    /// Whether each run's block holds negative then positive rows.
-    pub guidance: bool,
-}
-
-impl MemberRows {
-    /// All the runs' images.
-    pub fn total(&self) -> usize {
-        self.images.iter().sum()
+/// Under guidance, where each image's rows are in a dynamic batch's UNet rows, whose runs
+/// (of `images[r]` images each) follow each other as `[negative; positive]` blocks: for each
+/// image in order the rows of its negative and of its positive prediction, and for each UNet
+/// row the image whose next input it takes.
+fn row_indices(images: &[usize]) -> [Vec<i64>; 3] {
+    let (mut negative, mut positive, mut input) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut row, mut image) = (0i64, 0i64);
+    for &k in images {
+        let k = k as i64;
+        negative.extend(row..row + k);
+        positive.extend(row + k..row + 2 * k);
+        input.extend((image..image + k).chain(image..image + k));
+        row += 2 * k;
+        image += k;
     }
-
-    /// For each image (in order), the UNet rows of its negative and its positive prediction,
-    /// and for each UNet row the image whose next input it takes. Without guidance the rows
-    /// are the images.
-    fn indices(&self) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
-        let (mut negative, mut positive, mut input) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut row, mut image) = (0i64, 0i64);
-        for &k in &self.images {
-            let k = k as i64;
-            if self.guidance {
-                negative.extend(row..row + k);
-                positive.extend(row + k..row + 2 * k);
-                input.extend((image..image + k).chain(image..image + k));
-                row += 2 * k;
-            } else {
-                input.extend(image..image + k);
-                row += k;
-            }
-            image += k;
-        }
-        (negative, positive, input)
-    }
+    [negative, positive, input]
 }
 
 /// The sample input of one ControlNet fed by the step graph.
@@ -201,7 +181,7 @@ fn build(spec: &StepSpec) -> ort::Result<Model> {
     model(graph)
 }
 
-/// A batched graph's row-index inputs (see [`MemberRows::indices`]).
+/// A batched graph's row-index inputs (see [`row_indices`]).
 const ROW_INPUTS: [&str; 3] = ["negative_rows", "positive_rows", "input_rows"];
 
 /// `[g, σ, dt, (σ_next² + 1)^½]`, the order of the graph's `coef`.
@@ -224,8 +204,8 @@ pub(crate) struct DeviceStep {
     bindings: [IoBinding; 2],
     latents: [DynTensor; 2],
     current: usize,
-    /// A dynamic batch's runs (`None`: one run).
-    members: Option<MemberRows>,
+    /// A dynamic batch's images per run (`None`: one run).
+    members: Option<Vec<usize>>,
     _allocator: Allocator,
 }
 
@@ -233,9 +213,8 @@ impl DeviceStep {
     /// Bind a step graph to the UNet's bound `sample` input and `prediction` output, with
     /// latents of `shape` on device `device_id` (negative: the CPU). With `controls`, the
     /// graph also writes each step's input for that many ControlNets, whose buffers are bound
-    /// with [`Self::bind_control`] before the first step. With `members`, the rows are a
-    /// dynamic batch's runs (their guidance must be `guidance`), stepped with
-    /// [`Self::step_members`].
+    /// with [`Self::bind_control`] before the first step. With `members` (the images of each
+    /// run), the rows are a dynamic batch's runs, stepped with [`Self::step_members`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         graphs: &StepGraphs,
@@ -246,7 +225,7 @@ impl DeviceStep {
         shape: [i64; 4],
         guidance: bool,
         controls: Vec<ControlInput>,
-        members: Option<MemberRows>,
+        members: Option<Vec<usize>>,
     ) -> Result<Self, EngineError> {
         let spec = StepSpec {
             prediction: *prediction.data_type(),
@@ -257,27 +236,22 @@ impl DeviceStep {
         };
         // The row indices are the same for every step: host tensors bound once.
         let rows = match &members {
-            Some(m) if guidance => {
-                let (negative, positive, input) = m.indices();
-                let value = |v: Vec<i64>| Tensor::from_array(([v.len()], v));
-                Some([value(negative), value(positive), value(input)])
-            }
+            Some(images) if guidance => Some(
+                row_indices(images)
+                    .map(|v| Tensor::from_array(([v.len()], v)).map_err(step_err))
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
             _ => None,
         };
-        let rows = rows
-            .map(|r| -> ort::Result<_> {
-                let [a, b, c] = r;
-                Ok([a?, b?, c?])
-            })
-            .transpose()
-            .map_err(step_err)?;
         let label = || {
+            let batched = if spec.batched { " for a batch" } else { "" };
             let guidance = if spec.guidance { "" } else { ", no guidance" };
             let controls = match spec.controls.len() {
                 0 => String::new(),
                 n => format!(", {n} ControlNet input(s)"),
             };
-            format!("guidance and Euler step{guidance}{controls}")
+            format!("guidance and Euler step{batched}{guidance}{controls}")
         };
         let graph = graphs.get(&spec, options, label, build)?;
         let parts = graph
@@ -365,24 +339,25 @@ impl DeviceStep {
                 message: "a batched step on a single run's step graph".to_owned(),
             });
         };
-        if runs.len() != members.images.len() {
+        if runs.len() != members.len() {
             return Err(EngineError::UnexpectedOutput {
                 stage: STAGE,
                 message: format!(
                     "{} runs' coefficients for {} runs",
                     runs.len(),
-                    members.images.len()
+                    members.len()
                 ),
             });
         }
-        let mut coef = Vec::with_capacity(members.total() * 4);
-        for (&(g, sigma, sigma_next), &images) in runs.iter().zip(&members.images) {
+        let total: usize = members.iter().sum();
+        let mut coef = Vec::with_capacity(total * 4);
+        for (&(g, sigma, sigma_next), &images) in runs.iter().zip(members) {
             let one = coefficients(g, sigma, sigma_next);
             for _ in 0..images {
                 coef.extend_from_slice(&one);
             }
         }
-        let shape = [members.total() as i64, 4, 1, 1];
+        let shape = [total as i64, 4, 1, 1];
         let coef =
             tensor::float_value(TensorElementType::Float32, &shape, &coef).map_err(step_err)?;
         self.run(coef)?;
@@ -413,5 +388,19 @@ impl DeviceStep {
         }
         latents.copy_from_slice(&values);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_indices;
+
+    #[test]
+    fn a_batch_picks_each_images_rows_from_its_own_runs_block() {
+        // Runs of one and two images: rows [n0 | p0 | n1 n2 | p1 p2].
+        let [negative, positive, input] = row_indices(&[1, 2]);
+        assert_eq!(negative, [0, 2, 3]);
+        assert_eq!(positive, [1, 4, 5]);
+        assert_eq!(input, [0, 0, 1, 2, 1, 2]);
     }
 }
