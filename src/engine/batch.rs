@@ -233,13 +233,13 @@ impl Engine {
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
         if self.batch_steps_on_device(active, *i, timesteps.len()) {
             if let Some(device_id) = runner.device_id() {
-                let (runs, from) = (&mut *active, *i);
                 let mut batch = InPlace {
-                    runs,
+                    runs: active,
+                    shape: combined,
                     timesteps,
                     start,
                     total,
-                    from,
+                    from: *i,
                 };
                 return self.batch_steps_in_place(&mut batch, i, progress, &mut runner, device_id);
             }
@@ -319,6 +319,8 @@ impl Engine {
 /// A batch stepped on the device: its runs, the schedule, and the step it resumes at.
 struct InPlace<'a, 'm> {
     runs: &'a mut [Member<'m>],
+    /// The runs' shape with all of their images.
+    shape: RunShape,
     timesteps: &'a [f64],
     /// The runs' first step (progress counts from there).
     start: usize,
@@ -352,10 +354,7 @@ impl Engine {
         device_id: i32,
     ) -> Result<Left, EngineError> {
         let runs = &mut *batch.runs;
-        let shape = RunShape {
-            images: runs.iter().map(|m| m.run.shape.images).sum(),
-            ..runs[0].run.shape
-        };
+        let shape = batch.shape;
         let per_image = shape.per_image();
         let members: Vec<usize> = runs.iter().map(|m| m.run.shape.images).collect();
         let mut latents = Vec::with_capacity(shape.images * per_image);
