@@ -318,6 +318,8 @@ fn run_variant(
         "unet_step_session_run_ms": ms(median(steps_run)),
         "unet_step_copy_ms": ms(median(steps_copy)),
         "unet_step_host_ms": ms(median(steps_host)),
+        // Steps whose guidance and update ran on the device, over all runs and jobs.
+        "device_steps": all.iter().map(|(_, t)| t.device_steps).sum::<usize>(),
         "controlnet": controlnet,
         "controlnet_ms": ms(stage(|t| t.controlnet)),
         "text_encoding_ms": ms(stage(|t| t.text_encoding)),
