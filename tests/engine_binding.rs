@@ -40,6 +40,21 @@ fn engine_with(cuda: CudaOptions) -> Engine {
     Engine::load(common::tiny_model_dir(), &options).expect("load the tiny pipeline")
 }
 
+/// Guidance and the Euler update on the device, on bound buffers; then the same on up to
+/// `graph_shapes` static-shape sessions (CUDA graphs on a GPU).
+fn device_step_engines(graph_shapes: usize) -> (Engine, Engine) {
+    let on_device = CudaOptions {
+        device_step: true,
+        ..CudaOptions::default()
+    };
+    let graphs = CudaOptions {
+        graph: graph_shapes > 0,
+        graph_shapes,
+        ..on_device
+    };
+    (engine_with(on_device), engine_with(graphs))
+}
+
 fn run(engine: &Engine, request: &GenerateRequest) -> GenerateOutput {
     engine
         .generate(request, &mut |_| ControlFlow::Continue(()))
@@ -220,16 +235,7 @@ impl Drop for StopOnDrop<'_> {
 #[test]
 fn guidance_and_euler_steps_on_the_device_compute_what_the_host_computes() {
     let plain = engine(false, false, 0);
-    let on_device = engine_with(CudaOptions {
-        device_step: true,
-        ..CudaOptions::default()
-    });
-    let graphs = engine_with(CudaOptions {
-        device_step: true,
-        graph: true,
-        graph_shapes: 4,
-        ..CudaOptions::default()
-    });
+    let (on_device, graphs) = device_step_engines(4);
     let euler = |request: GenerateRequest| GenerateRequest {
         scheduler: SchedulerKind::Euler,
         ..request
@@ -319,16 +325,7 @@ fn euler_batch(engine: &Engine, jobs: &[GenerateRequest]) -> Vec<GenerateOutput>
 #[test]
 fn batches_step_on_the_device_as_their_runs_step_alone_on_the_host() {
     let plain = engine(false, false, 0);
-    let on_device = engine_with(CudaOptions {
-        device_step: true,
-        ..CudaOptions::default()
-    });
-    let graphs = engine_with(CudaOptions {
-        device_step: true,
-        graph: true,
-        graph_shapes: 2,
-        ..CudaOptions::default()
-    });
+    let (on_device, graphs) = device_step_engines(2);
     let base = common::basic_request();
     assert_eq!(base.scheduler, SchedulerKind::Euler);
     // Each run with its own prompt, seed, image count and guidance scale: the step graph must
@@ -408,10 +405,7 @@ fn batches_step_on_the_device_as_their_runs_step_alone_on_the_host() {
 #[test]
 fn runs_that_leave_a_batch_stepped_on_the_device_leave_the_others_exact() {
     let plain = engine(false, false, 0);
-    let on_device = engine_with(CudaOptions {
-        device_step: true,
-        ..CudaOptions::default()
-    });
+    let (on_device, _) = device_step_engines(0);
     let base = common::basic_request();
     let jobs = [
         base.clone(),

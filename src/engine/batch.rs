@@ -224,12 +224,7 @@ impl Engine {
         )?;
         let per_image = combined.per_image();
         let rows = combined.unet_rows();
-        let sample_shape = [
-            rows as i64,
-            combined.channels as i64,
-            combined.latent_h as i64,
-            combined.latent_w as i64,
-        ];
+        let sample_shape = combined.dims(rows);
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
         if self.batch_steps_on_device(active, *i, timesteps.len()) {
             if let Some(device_id) = runner.device_id() {
@@ -251,19 +246,7 @@ impl Engine {
         while *i < timesteps.len() {
             let step_started = Instant::now();
             let t = timesteps[*i];
-            let mut offset = 0;
-            for m in active.iter() {
-                let len = m.run.shape.unet_rows() * per_image;
-                let block = &mut model_input[offset..offset + len];
-                fill_block(
-                    m.run.scheduler.as_ref(),
-                    &m.run.latents,
-                    *i,
-                    combined.guidance,
-                    block,
-                );
-                offset += len;
-            }
+            fill_members(active, *i, combined.guidance, &mut model_input);
             let residuals = control.step(*i, timesteps.len(), &model_input, t, &mut unused)?;
             let result = runner.step(&model_input, t, residuals)?;
             if result.out.len() != model_input.len() {
@@ -316,6 +299,17 @@ impl Engine {
     }
 }
 
+/// Write each run's scaled model input for step `i` into its block of `model_input`.
+fn fill_members(runs: &[Member<'_>], i: usize, guidance: bool, model_input: &mut [f32]) {
+    let mut offset = 0;
+    for m in runs {
+        let len = m.run.shape.unet_rows() * m.run.shape.per_image();
+        let block = &mut model_input[offset..offset + len];
+        fill_block(m.run.scheduler.as_ref(), &m.run.latents, i, guidance, block);
+        offset += len;
+    }
+}
+
 /// A batch stepped on the device: its runs, the schedule, and the step it resumes at.
 struct InPlace<'a, 'm> {
     runs: &'a mut [Member<'m>],
@@ -357,35 +351,14 @@ impl Engine {
         let shape = batch.shape;
         let per_image = shape.per_image();
         let members: Vec<usize> = runs.iter().map(|m| m.run.shape.images).collect();
-        let mut latents = Vec::with_capacity(shape.images * per_image);
+        let mut latents: Vec<f32> = runs
+            .iter()
+            .flat_map(|m| m.run.latents.iter().copied())
+            .collect();
         let mut model_input = vec![0.0f32; shape.unet_rows() * per_image];
-        let mut offset = 0;
-        for m in runs.iter() {
-            latents.extend_from_slice(&m.run.latents);
-            let len = m.run.shape.unet_rows() * per_image;
-            let block = &mut model_input[offset..offset + len];
-            fill_block(
-                m.run.scheduler.as_ref(),
-                &m.run.latents,
-                *i,
-                shape.guidance,
-                block,
-            );
-            offset += len;
-        }
-        let latent_shape = [
-            shape.images as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ];
-        let (sample, prediction) =
-            runner
-                .bound_io()
-                .ok_or_else(|| EngineError::UnexpectedOutput {
-                    stage: "UNet",
-                    message: "the UNet's buffers are not bound".to_owned(),
-                })?;
+        fill_members(runs, *i, shape.guidance, &mut model_input);
+        let latent_shape = shape.dims(shape.images);
+        let (sample, prediction) = runner.bound_io()?;
         let mut stepper = DeviceStep::new(
             &self.step_graphs,
             &self.session_options(),

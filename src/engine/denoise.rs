@@ -48,12 +48,7 @@ impl Engine {
         let end = state.end.min(timesteps.len());
         let total = (end - start.min(end)) as u32;
         let per_batch = shape.images * shape.per_image();
-        let sample_shape = [
-            rows as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ];
+        let sample_shape = shape.dims(rows);
         let mut model_input = vec![0.0f32; rows * shape.per_image()];
         let mut guided = vec![0.0f32; per_batch];
         let mut runner = UnetRunner::new(self, constants.conditioning(&control), sample_shape)?;
@@ -169,19 +164,8 @@ impl Engine {
         let rows = shape.unet_rows();
         let timesteps = scheduler.timesteps().to_vec();
         let total = (end - start.min(end)) as u32;
-        let latent_shape = [
-            shape.images as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ];
-        let (sample, prediction) =
-            runner
-                .bound_io()
-                .ok_or_else(|| EngineError::UnexpectedOutput {
-                    stage: UNET,
-                    message: "the UNet's buffers are not bound".to_owned(),
-                })?;
+        let latent_shape = shape.dims(shape.images);
+        let (sample, prediction) = runner.bound_io()?;
         let controls = control
             .as_ref()
             .map(|c| c.control_inputs())

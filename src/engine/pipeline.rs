@@ -47,6 +47,16 @@ impl RunShape {
         self.channels * self.latent_h * self.latent_w
     }
 
+    /// The shape `[rows, channels, height, width]` of a latent batch of `rows` rows.
+    pub fn dims(&self, rows: usize) -> [i64; 4] {
+        [
+            rows as i64,
+            self.channels as i64,
+            self.latent_h as i64,
+            self.latent_w as i64,
+        ]
+    }
+
     /// Rows of the UNet batch.
     pub fn unet_rows(&self) -> usize {
         if self.guidance {

@@ -416,9 +416,13 @@ impl<'e> UnetRunner<'e> {
 
     /// The bound sample input and prediction output (device path only), for a step that
     /// stays on the device ([`super::device_step`]).
-    pub(super) fn bound_io(&mut self) -> Option<(&mut DynTensor, &DynTensor)> {
+    pub(super) fn bound_io(&mut self) -> Result<(&mut DynTensor, &DynTensor), EngineError> {
         self.bound_mut()
             .map(|(bound, _)| (&mut bound.sample, &bound.out))
+            .ok_or_else(|| EngineError::UnexpectedOutput {
+                stage: "UNet",
+                message: "the UNet's buffers are not bound".to_owned(),
+            })
     }
 
     /// Copy `model_input` into the bound sample buffer (device path only).

@@ -150,13 +150,7 @@ impl<'a> ControlRun<'a> {
 
     /// The shape of the latent batch a ControlNet of this run takes.
     pub(super) fn control_sample_shape(&self) -> [i64; 4] {
-        let shape = self.shape;
-        [
-            self.control_rows() as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ]
+        self.shape.dims(self.control_rows())
     }
 
     /// Each residual output of `net` for this run: its name, element type and shape.

@@ -227,12 +227,7 @@ impl<'a> ControlRun<'a> {
         let split = self.guess && self.guidance;
         let cn_rows = self.control_rows();
         let sample_data = &model_input[..cn_rows * shape.per_image()];
-        let sample_shape = [
-            cn_rows as i64,
-            shape.channels as i64,
-            shape.latent_h as i64,
-            shape.latent_w as i64,
-        ];
+        let sample_shape = shape.dims(cn_rows);
         let mut sums: Vec<Vec<f32>> = Vec::new();
         for unit in active {
             let net = unit.net;
