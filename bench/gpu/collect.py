@@ -34,6 +34,11 @@ def main():
         for name in sorted(os.listdir(run_dir))
         if name.startswith("worker-e2e") and name.endswith(".json")
     }
+    rounds = {}
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("engine-b1-r") and name.endswith(".json"):
+            n = name[len("engine-b1-r") : -len(".json")]
+            rounds[n] = {"b1": load(run_dir, name), "jobs4": load(run_dir, f"engine-jobs4-r{n}.json")}
     probe = load(run_dir, "ort-python-probe.json")
     tf32_off = load(run_dir, "engine-b1-tf32-off.json")
     optimize = load(run_dir, "optimize.json")
@@ -121,6 +126,10 @@ def main():
     # one request of four images (engine-b4.json), against one image per run; on the residual
     # UNet (the ControlNet sequence), four jobs without ControlNets against one.
     pairs = [("plain", ok(jobs4) or ok(b4), engine), ("residual", ok(cn_off_jobs4), ok(cn_off_b1))]
+    # Repeated rounds on the same host (engine-b1-r2.json with engine-jobs4-r2.json, ...), each
+    # round's single jobs and batches timed back to back.
+    for n in sorted(rounds):
+        pairs.append((f"plain, round {n}", ok(rounds[n]["jobs4"]), ok(rounds[n]["b1"])))
     for unet, batch, singles in pairs:
         if not (batch and singles):
             continue
@@ -317,6 +326,7 @@ def main():
         "optimize_rest": rest,
         "engine_b4": b4,
         "engine_jobs4": jobs4,
+        "engine_rounds": rounds or None,
         "worker_e2e": workers,
         "engine_b1_tf32_off": tf32_off,
         "torch_controlnet": cn_torch,

@@ -23,7 +23,8 @@
 #                                   engine on one image under several CUDA settings, with the
 #                                   float32 VAE and with the float16 one
 #   bench/gpu/run.sh batch          the same with four jobs per run (the dynamic batch) and with
-#                                   one request of four images
+#                                   one request of four images (BATCH_B4=0 leaves that out)
+#   bench/gpu/run.sh round N        one job per run, then four, again (engine-*-rN.json)
 #   bench/gpu/run.sh svc NN         [carry .gpu-stage/svc.NN, .gpu-stage/svc.sha256] store one
 #                                   part of the services
 #   bench/gpu/run.sh worker         [carry .gpu-stage/wbin] start Postgres and RabbitMQ, run the
@@ -52,7 +53,7 @@
 #                                   GPU_TEST_DEVICE)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|round N|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -70,8 +71,10 @@ unpack_ort() {
   whl="$work/stage/ort.whl"
   if [ ! -f "$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version" ]; then
     cat "$work"/stage/ort.[0-9]* > "$whl"
-    # The checksum travels with the engine binary (bin) and with the test binaries (tbin).
-    sum=$(cat .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/ort.sha256 2>/dev/null | head -1 || true)
+    # The checksum travels with the engine binary (bin), the test binaries (tbin) and the
+    # worker (wbin).
+    sum=$(cat .gpu-stage/bin/ort.sha256 .gpu-stage/tbin/ort.sha256 .gpu-stage/wbin/ort.sha256 \
+      2>/dev/null | head -1 || true)
     echo "$sum  $whl" | sha256sum -c -
     rm -rf "$work/ortx" && mkdir -p "$work/ortx"
     python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); [z.extract(n,'$work/ortx') for n in z.namelist() if '/capi/lib' in n]" "$whl"
@@ -160,6 +163,7 @@ case "$cmd" in
     mkdir -p .gpu-stage/wbin
     strip -o .gpu-stage/wbin/sdxl-worker "${CARGO_TARGET_DIR:-target}"/debug/sdxl-worker
     xz -T0 -6 -f .gpu-stage/wbin/sdxl-worker
+    cp .gpu-stage/bin/ort.sha256 .gpu-stage/wbin/
     [ -f .gpu-stage/svc.sha256 ] || bench/gpu/services.sh stage
     ls -la .gpu-stage/py .gpu-stage/bin .gpu-stage/wbin .gpu-stage/ort.* .gpu-stage/svc.*
     echo "calls: torch-eager [py, ort.00]; optimize [ort.01]; part NN for each further part;"
@@ -230,9 +234,23 @@ case "$cmd" in
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-jobs4.json" BENCH_JOBS=4 BENCH_RUNS=2 \
       BENCH_VARIANTS="${BENCH_VARIANTS:-default,tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-jobs4.json" "$work/"
-    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b4.json" BENCH_IMAGES=4 BENCH_RUNS=2 \
-      BENCH_VARIANTS="${BENCH_VARIANTS:-default}" "$work/gpu_engine" --bench
-    cp "$out/engine-b4.json" "$work/"
+    if [ "${BATCH_B4:-1}" = 1 ]; then
+      BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b4.json" BENCH_IMAGES=4 BENCH_RUNS=2 \
+        BENCH_VARIANTS="${BENCH_VARIANTS:-default}" "$work/gpu_engine" --bench
+      cp "$out/engine-b4.json" "$work/"
+    fi
+    ;;
+  round)
+    # One more round of single jobs and four-job batches, back to back on the same host
+    # (engine-b1-rN.json, engine-jobs4-rN.json; collect.py pairs them): the single-job rate
+    # moves from run to run more than the batched one.
+    n="${2:?round number}"
+    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-b1-r$n.json" \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-graph+tf32}" "$work/gpu_engine" --bench
+    BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-jobs4-r$n.json" BENCH_JOBS=4 BENCH_RUNS=2 \
+      BENCH_VARIANTS="${BENCH_VARIANTS:-graph+tf32}" "$work/gpu_engine" --bench
+    cp "$out/engine-b1-r$n.json" "$out/engine-jobs4-r$n.json" "$work/"
     ;;
   cn-torch)
     mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"
@@ -344,7 +362,7 @@ case "$cmd" in
     BENCH_WORK="$work" bench/gpu/services.sh stash "${2:?part number}"
     ;;
   worker)
-    export ORT_DYLIB_PATH=$work/ortx/onnxruntime/capi/libonnxruntime.so.$ort_version
+    unpack_ort
     xz -dc .gpu-stage/wbin/sdxl-worker.xz > "$work/sdxl-worker" && chmod +x "$work/sdxl-worker"
     BENCH_WORK="$work" bench/gpu/services.sh start
     python3 bench/gpu/worker_e2e.py --bin "$work/sdxl-worker" --model "${E2E_MODEL:-$work/fused}" \
