@@ -49,6 +49,21 @@ PROMPTS = [
 ]
 
 
+def start_intervals(rows):
+    """Per device, the gaps between consecutive distinct start times of its jobs' rows."""
+    starts = {}
+    for r in rows.values():
+        if r.get("started_at"):
+            starts.setdefault(r.get("device"), set()).add(round(ts(r["started_at"]), 3))
+    out = {}
+    for device, values in starts.items():
+        ordered = sorted(values)
+        # Jobs of one batch start within a few milliseconds of each other.
+        runs = [t for i, t in enumerate(ordered) if i == 0 or t - ordered[i - 1] > 0.05]
+        out[str(device)] = [round(b - a, 3) for a, b in zip(runs, runs[1:])]
+    return out
+
+
 def edge_png(size):
     """White rings and spokes on black (benches/gpu_engine.rs `edge_image`), as an RGB PNG, with
     the standard library only."""
@@ -367,12 +382,17 @@ def scenario_run(args, scenario, sampler):
             "peak_gpu_memory_mib": peak,
             "median_total_ms": med("total_ms"),
             "median_queue_wait_ms": med("queue_wait_ms"),
+            "median_text_encoding_ms": med("text_encoding_ms"),
             "median_denoising_ms": med("denoising_ms"),
+            "median_session_run_ms": med("session_run_ms"),
             "median_controlnet_ms": med("controlnet_ms"),
             "median_vae_ms": med("vae_ms"),
             "median_png_ms": med("png_ms"),
             "median_upload_ms": med("upload_ms"),
             "batch_sizes": sorted(m.get("batch_size", 1) for m in metrics),
+            # Seconds between one run's start and the next on each device (a batch's jobs
+            # start together): the worker's cycle, to set beside the engine's run time.
+            "start_intervals_s": start_intervals(rows),
             # Each job: started and finished (seconds after the first publish), batch size,
             # its first and median step and its device, to see where a run loses time.
             "timeline": sorted(
