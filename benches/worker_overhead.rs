@@ -117,9 +117,12 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         submit(&broker, *id, &settings, n as u64 + 1).await?;
     }
     let mut metrics = Vec::with_capacity(ids.len());
+    let mut starts = Vec::with_capacity(ids.len());
     for id in &ids {
         wait(&db, *id).await?;
         metrics.push(db.get_metrics(*id).await?.ok_or("no metrics row")?);
+        let row = db.get(*id).await?.ok_or("no job row")?;
+        starts.push(row.started_at.ok_or("no start time")?);
     }
     let wall = started.elapsed();
 
@@ -133,7 +136,35 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     db.close().await;
 
     report(&settings, &metrics, wall);
+    report_cycle(&metrics, &starts);
     Ok(())
+}
+
+/// The consumer's cycle: from one job's start to the next one's, against the engine's stages
+/// of the first (text encoding, denoising, VAE). What is left is the time between two jobs'
+/// engine work that the engine does not account for: the next job's start (its database
+/// write), handing it to the engine thread, and the engine's work outside its stages.
+fn report_cycle(metrics: &[JobMetrics], starts: &[chrono::DateTime<chrono::Utc>]) {
+    let mut order: Vec<usize> = (0..starts.len()).collect();
+    order.sort_by_key(|&i| starts[i]);
+    let gaps: Vec<f64> = order
+        .windows(2)
+        .map(|pair| {
+            let cycle = (starts[pair[1]] - starts[pair[0]])
+                .num_microseconds()
+                .unwrap_or(0);
+            let m = &metrics[pair[0]];
+            cycle as f64 / 1000.0 - (m.text_encoding_ms + m.denoising_ms + m.vae_ms)
+        })
+        .collect();
+    if gaps.is_empty() {
+        return;
+    }
+    let (mean, p50, p95) = summary(gaps);
+    println!(
+        "{:<14} {mean:>10.2} {p50:>10.2} {p95:>10.2}   (start to next start, less the engine's stages)",
+        "cycle-engine"
+    );
 }
 
 async fn submit(
