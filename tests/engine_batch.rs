@@ -145,3 +145,46 @@ fn a_batch_of_one_is_a_solo_run() {
         .generate_batch(&[], &mut |_, _| ControlFlow::Continue(()))
         .is_empty());
 }
+
+/// A batch encodes its runs' prompts together (one run of each text encoder for all of them)
+/// where weighting would leave the texts as they are, and each run still equals its solo run,
+/// weighted, long or guided differently.
+#[test]
+fn prompts_are_encoded_together_where_weighting_changes_nothing() {
+    let mut plain = mixed_requests(SchedulerKind::Euler);
+    plain[0].controls.prompt_weighting = true; // no markers, fits in 75 tokens
+    let mut weighted = common::basic_request();
+    weighted.prompt = "a (lighthouse:1.3) on a [cliff]".into();
+    weighted.controls.prompt_weighting = true;
+    weighted.seed = 21;
+    let mut long = common::basic_request();
+    long.prompt = "a very detailed painting of a quiet harbour town at dawn, ".repeat(8);
+    long.controls.prompt_weighting = true;
+    long.seed = 22;
+    let mut unguided = common::basic_request();
+    unguided.guidance_scale = 1.0;
+    unguided.seed = 23;
+    let requests: Vec<GenerateRequest> = plain
+        .into_iter()
+        .chain([weighted, long, unguided])
+        .collect();
+    let outputs = batch(&requests);
+    for (i, (request, batched)) in requests.iter().zip(&outputs).enumerate() {
+        assert_same(batched, &solo(request), &format!("run {i}"));
+    }
+    // Encoded together: the shared runs' time is every such run's text encoding time.
+    let shared = outputs[0].timings.text_encoding;
+    for i in [1, 2, 5] {
+        assert_eq!(
+            outputs[i].timings.text_encoding, shared,
+            "run {i} shares the encoding"
+        );
+    }
+    // Weighting changes these texts (markers; more than 75 tokens): encoded alone.
+    for i in [3, 4] {
+        assert_ne!(
+            outputs[i].timings.text_encoding, shared,
+            "run {i} is encoded alone"
+        );
+    }
+}

@@ -75,6 +75,7 @@ pub struct JobMetrics {
     pub queue_wait_ms: f64,
     /// Loading the model (0 when it was cached).
     pub model_load_ms: f64,
+    /// Prompt encoding (for a batch whose prompts were encoded together, that shared time).
     pub text_encoding_ms: f64,
     pub denoising_ms: f64,
     /// Each denoising step.

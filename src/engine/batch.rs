@@ -6,9 +6,11 @@
 //! same start for image-to-image); [`Engine::generate_batch`] groups the requests it is given
 //! by that key and runs the groups one after another. Everything else stays per run: prompts,
 //! seeds and noise streams, guidance scale and rescale, micro-conditioning and the scheduler's
-//! state. Only the UNet evaluation is shared, and the UNet treats batch rows independently, so
-//! a run's images are the same whether it ran alone or batched (bit for bit on the CPU
-//! provider; on CUDA, kernels picked for another batch size may round differently).
+//! state. Only the model evaluations are shared: the UNet's at each step, and the text
+//! encoders' (the prompts of all the requests whose texts prompt weighting leaves as they are
+//! go through each encoder in one run). Both treat batch rows independently, so a run's images
+//! are the same whether it ran alone or batched (bit for bit on the CPU provider; on CUDA,
+//! kernels picked for another batch size may round differently).
 //!
 //! A run that is cancelled or whose prediction goes non-finite leaves the batch at that step;
 //! the others go on with a smaller batch. When a batched UNet call itself fails (running out
@@ -26,7 +28,9 @@ use std::time::{Duration, Instant};
 use super::controlnet::ControlRun;
 use super::device_step::DeviceStep;
 use super::pipeline::{fill_block, update_block, Prepared, RunShape};
+use super::prompt_weighting;
 use super::refiner::AestheticScores;
+use super::text::{self, Conditioning, PromptTexts};
 use super::unet::UnetRunner;
 use super::unet_inputs::{ConditioningRows, UnetConstants};
 use super::{Engine, EngineError, GenerateOutput, GenerateRequest, Progress};
@@ -87,8 +91,9 @@ impl Engine {
         let mut groups: Vec<(GroupKey, Vec<Member<'_>>)> = Vec::new();
         // A UNet exported for a fixed batch size runs every request alone.
         let fixed_batch = self.model.unet.sample.fixed_dim(0).is_some();
+        let mut encoded = self.encode_together(requests);
         for (index, request) in requests.iter().copied().enumerate() {
-            let run = match self.prepare(request) {
+            let run = match self.prepare_with(request, encoded[index].take()) {
                 Ok(run) => run,
                 Err(err) => {
                     results[index] = Some(Err(err));
@@ -113,6 +118,54 @@ impl Engine {
             .into_iter()
             .map(|r| r.unwrap_or(Err(EngineError::Cancelled)))
             .collect()
+    }
+
+    /// The prompts of the requests that will run (valid, no init image, and no prompt
+    /// weighting or only texts that weighting leaves as they are),
+    /// encoded with one run of each text encoder for all of them, with the time that took;
+    /// `None` for the others, and for all when fewer than two qualify, when the encoders take
+    /// a fixed batch size, or when the shared runs fail (each request then encodes alone, so
+    /// that an error belongs to its request).
+    fn encode_together(
+        &self,
+        requests: &[&GenerateRequest],
+    ) -> Vec<Option<(Conditioning, Duration)>> {
+        let mut out: Vec<Option<(Conditioning, Duration)>> =
+            requests.iter().map(|_| None).collect();
+        let model = &self.model;
+        let fixed = model.text_encoder_2.input_ids.fixed_dim(0).is_some()
+            || model
+                .text_encoder
+                .as_ref()
+                .is_some_and(|e| e.input_ids.fixed_dim(0).is_some());
+        let chosen: Vec<(usize, bool)> = requests
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.controls.img2img.is_none())
+            .filter_map(|(i, r)| {
+                let shape = self.validate(r).ok()?;
+                self.scheduler_for(r).ok()?;
+                let plain = !r.controls.prompt_weighting
+                    || prompt_weighting::reads_as_plain(model, &PromptTexts::of(r), shape.guidance);
+                plain.then_some((i, shape.guidance))
+            })
+            .collect();
+        if fixed || chosen.len() < 2 {
+            return out;
+        }
+        let texts: Vec<(PromptTexts<'_>, bool)> = chosen
+            .iter()
+            .map(|&(i, guidance)| (PromptTexts::of(requests[i]), guidance))
+            .collect();
+        let started = Instant::now();
+        let Ok(conditionings) = text::encode_prompts_many(model, &texts) else {
+            return out;
+        };
+        let elapsed = started.elapsed();
+        for ((i, _), conditioning) in chosen.into_iter().zip(conditionings) {
+            out[i] = Some((conditioning, elapsed));
+        }
+        out
     }
 
     /// Denoise one group together, then decode each run.

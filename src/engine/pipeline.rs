@@ -10,7 +10,7 @@
 //! on two engines.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::controlnet::ControlRequest;
 use super::img2img;
@@ -254,6 +254,16 @@ impl Engine {
     /// the noise streams and the starting latents (seeded noise, the request's
     /// `initial_latents`, or an encoded init image with noise added for image-to-image).
     pub(super) fn prepare(&self, request: &GenerateRequest) -> Result<Prepared, EngineError> {
+        self.prepare_with(request, None)
+    }
+
+    /// [`prepare`](Self::prepare), with the request's prompts already encoded (with the time
+    /// that took) when `encoded` holds them: a dynamic batch encodes its runs' prompts together.
+    pub(super) fn prepare_with(
+        &self,
+        request: &GenerateRequest,
+        encoded: Option<(Conditioning, Duration)>,
+    ) -> Result<Prepared, EngineError> {
         let shape = self.validate(request)?;
         let scheduler = self.scheduler_for(request)?;
         // Checked before any model runs, so that a bad request costs no encoding.
@@ -271,9 +281,15 @@ impl Engine {
         };
         let mut timings = StageTimings::default();
 
-        let started = Instant::now();
-        let conditioning = self.encode_request_prompts(request, shape.guidance)?;
-        timings.text_encoding = started.elapsed();
+        let (conditioning, elapsed) = match encoded {
+            Some(encoded) => encoded,
+            None => {
+                let started = Instant::now();
+                let conditioning = self.encode_request_prompts(request, shape.guidance)?;
+                (conditioning, started.elapsed())
+            }
+        };
+        timings.text_encoding = elapsed;
         timings.text_encoding_session_run = conditioning.session_time;
 
         let seeds: Vec<u64> = (0..shape.images)
@@ -362,12 +378,7 @@ impl Engine {
         request: &GenerateRequest,
         guidance: bool,
     ) -> Result<Conditioning, EngineError> {
-        let texts = PromptTexts {
-            prompt: &request.prompt,
-            prompt_2: request.prompt_2.as_deref(),
-            negative_prompt: request.negative_prompt.as_deref(),
-            negative_prompt_2: request.negative_prompt_2.as_deref(),
-        };
+        let texts = PromptTexts::of(request);
         if request.controls.prompt_weighting {
             super::prompt_weighting::encode_prompts(&self.model, &texts, guidance)
         } else {

@@ -472,6 +472,38 @@ pub fn encode_prompts(
     })
 }
 
+/// Whether weighting leaves the request's texts as the plain encoding ([`super::text`]) reads
+/// them: each text that may be encoded has no weighting syntax and fits in one chunk of every
+/// tokenizer. Such a request's prompts may then be encoded along with other requests'.
+pub fn reads_as_plain(model: &SdxlModel, texts: &PromptTexts<'_>, guidance: bool) -> bool {
+    let mut all = vec![
+        texts.prompt,
+        non_empty(texts.prompt_2).unwrap_or(texts.prompt),
+    ];
+    if guidance {
+        let negative = texts.negative_prompt.unwrap_or("");
+        all.extend([
+            negative,
+            non_empty(texts.negative_prompt_2).unwrap_or(negative),
+        ]);
+    }
+    let tokenizers: Vec<&ClipTokenizer> =
+        model.tokenizer.iter().chain([&model.tokenizer_2]).collect();
+    all.into_iter().all(|text| {
+        let unmarked = match parse(text).as_slice() {
+            [] => text.is_empty(),
+            [Segment::Text { text: t, weight }] => t == text && *weight == 1.0,
+            _ => false,
+        };
+        unmarked
+            && tokenizers.iter().all(|tokenizer| {
+                tokenizer
+                    .tokens(text)
+                    .is_ok_and(|ids| ids.len() <= tokenizer.max_length() - 2)
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,9 @@
 //!   embeddings and pooled embedding; an empty string is encoded like any other text.
 //!
 //! The positive and negative texts go through each encoder together, as two rows of one session
-//! run. diffusers runs them one at a time; rows do not interact, and on the CPU each row equals
-//! its text encoded alone bit for bit (`tests/engine_generate.rs`).
+//! run, and a dynamic batch's requests all together ([`encode_prompts_many`]). diffusers runs
+//! them one at a time; rows do not interact, and on the CPU each row equals its text encoded
+//! alone bit for bit (`tests/engine_generate.rs`, `tests/engine_batch.rs`).
 
 use std::time::Duration;
 
@@ -48,6 +49,18 @@ pub struct PromptTexts<'a> {
     pub prompt_2: Option<&'a str>,
     pub negative_prompt: Option<&'a str>,
     pub negative_prompt_2: Option<&'a str>,
+}
+
+impl<'a> PromptTexts<'a> {
+    /// The texts of a generation request.
+    pub fn of(request: &'a super::GenerateRequest) -> Self {
+        PromptTexts {
+            prompt: &request.prompt,
+            prompt_2: request.prompt_2.as_deref(),
+            negative_prompt: request.negative_prompt.as_deref(),
+            negative_prompt_2: request.negative_prompt_2.as_deref(),
+        }
+    }
 }
 
 /// Positive and (with guidance) negative conditioning, plus the time spent.
@@ -235,39 +248,63 @@ pub fn encode_prompts(
     texts: &PromptTexts<'_>,
     guidance: bool,
 ) -> Result<Conditioning, EngineError> {
+    let mut all = encode_prompts_many(model, &[(*texts, guidance)])?;
+    all.pop().ok_or_else(|| EngineError::UnexpectedOutput {
+        stage: "text encoder",
+        message: "no conditioning for the prompt".to_owned(),
+    })
+}
+
+/// Encode the prompts of several requests, each with its own `guidance`, with one run of each
+/// encoder for all of them (a dynamic batch). Rows do not interact, so each result equals
+/// its request encoded alone; `session_time` is the shared runs' time in every result.
+pub fn encode_prompts_many(
+    model: &SdxlModel,
+    requests: &[(PromptTexts<'_>, bool)],
+) -> Result<Vec<Conditioning>, EngineError> {
     let mut session_time = Duration::ZERO;
-    let prompt_2 = non_empty(texts.prompt_2).unwrap_or(texts.prompt);
-    let zero_negative =
-        texts.negative_prompt.is_none() && model.config.force_zeros_for_empty_prompt;
-    let mut pairs = vec![(texts.prompt, prompt_2)];
-    if guidance && !zero_negative {
-        // Positive and negative texts share each encoder's run.
-        let negative = texts.negative_prompt.unwrap_or("");
-        let negative_2 = non_empty(texts.negative_prompt_2).unwrap_or(negative);
-        pairs.push((negative, negative_2));
+    let mut pairs = Vec::new();
+    // Per request: whether its negative conditioning is zeros rather than an encoded pair.
+    let mut zero_negatives = Vec::with_capacity(requests.len());
+    for (texts, guidance) in requests {
+        let prompt_2 = non_empty(texts.prompt_2).unwrap_or(texts.prompt);
+        let zero_negative =
+            texts.negative_prompt.is_none() && model.config.force_zeros_for_empty_prompt;
+        pairs.push((texts.prompt, prompt_2));
+        if *guidance && !zero_negative {
+            // Positive and negative texts share each encoder's run.
+            let negative = texts.negative_prompt.unwrap_or("");
+            let negative_2 = non_empty(texts.negative_prompt_2).unwrap_or(negative);
+            pairs.push((negative, negative_2));
+        }
+        zero_negatives.push(zero_negative);
     }
     let mut encoded = encode_pairs(model, &pairs, &mut session_time)?.into_iter();
-    let positive = encoded
-        .next()
-        .ok_or_else(|| EngineError::UnexpectedOutput {
-            stage: "text encoder",
-            message: "no conditioning for the prompt".to_owned(),
-        })?;
-    let negative = match (guidance, zero_negative) {
-        (false, _) => None,
-        (true, true) => Some(Embedding::zeros_like(&positive)),
-        (true, false) => Some(
-            encoded
-                .next()
-                .ok_or_else(|| EngineError::UnexpectedOutput {
-                    stage: "text encoder",
-                    message: "no conditioning for the negative prompt".to_owned(),
-                })?,
-        ),
-    };
-    Ok(Conditioning {
-        positive,
-        negative,
-        session_time,
-    })
+    let mut out = Vec::with_capacity(requests.len());
+    for ((_, guidance), zero_negative) in requests.iter().zip(zero_negatives) {
+        let positive = encoded
+            .next()
+            .ok_or_else(|| EngineError::UnexpectedOutput {
+                stage: "text encoder",
+                message: "no conditioning for the prompt".to_owned(),
+            })?;
+        let negative = match (*guidance, zero_negative) {
+            (false, _) => None,
+            (true, true) => Some(Embedding::zeros_like(&positive)),
+            (true, false) => Some(
+                encoded
+                    .next()
+                    .ok_or_else(|| EngineError::UnexpectedOutput {
+                        stage: "text encoder",
+                        message: "no conditioning for the negative prompt".to_owned(),
+                    })?,
+            ),
+        };
+        out.push(Conditioning {
+            positive,
+            negative,
+            session_time,
+        });
+    }
+    Ok(out)
 }
