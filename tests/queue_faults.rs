@@ -313,21 +313,26 @@ async fn an_s3_outage_mid_job_is_retried_and_no_job_succeeds_without_its_objects
 async fn a_job_running_past_its_cost_estimated_timeout_fails_with_code_timeout() {
     let stack = Stack::new("fault-job-timeout", StorageKind::Local).await;
     let mut config = stack.config.clone();
-    config.worker.job_timeout_min_ms = 2_000;
-    config.worker.job_timeout_per_megapixel_step_ms = 100;
+    // The quick job's timeout (10 s) also covers loading the model on a cold worker, on a
+    // busy machine.
+    config.worker.job_timeout_min_ms = 10_000;
+    config.worker.job_timeout_per_megapixel_step_ms = 1;
     let worker = stack.start_worker_with(config, RunOptions::default());
     let quick = Uuid::new_v4();
     let slow = Uuid::new_v4();
     stack.publish(&small_job(quick)).await;
-    // 128 x 128 x 150 steps = 2.46 megapixel-steps: a timeout of 2,245 ms, far less than the
+    // 512 x 512 x 150 steps = 39.3 megapixel-steps: a timeout of 10,039 ms, far less than the
     // job needs here.
-    stack.publish(&job_of(slow, 150)).await;
+    let mut big = job_of(slow, 150);
+    big["width"] = 512.into();
+    big["height"] = 512.into();
+    stack.publish(&big).await;
 
     check_outcome(&stack, &stack.broker, &[quick], JobState::Succeeded).await;
     let rows = check_outcome(&stack, &stack.broker, &[slow], JobState::Failed).await;
     assert_eq!(rows[0].error_code.as_deref(), Some("timeout"));
     let message = rows[0].error_message.as_deref().unwrap();
-    assert!(message.contains("2245 ms"), "{message}");
+    assert!(message.contains("10039 ms"), "{message}");
     assert_eq!(rows[0].attempt, 1, "a timeout is not retried");
     assert!(rows[0].images.is_empty());
     worker.stop().await.unwrap();
