@@ -120,12 +120,12 @@ impl Engine {
             .collect()
     }
 
-    /// The prompts of the requests that will run (valid, no init image, and no prompt
-    /// weighting or only texts that weighting leaves as they are),
-    /// encoded with one run of each text encoder for all of them, with the time that took;
-    /// `None` for the others, and for all when fewer than two qualify, when the encoders take
-    /// a fixed batch size, or when the shared runs fail (each request then encodes alone, so
-    /// that an error belongs to its request).
+    /// The prompts of the requests that will run (valid, no init image, and either no prompt
+    /// weighting or texts that weighting leaves as they are), encoded with one run of each
+    /// text encoder for all of them, with the time that took. `None` for the other requests,
+    /// and for all of them when fewer than two qualify, when the encoders take a fixed batch
+    /// size, or when the shared runs fail (each request then encodes alone, so that an error
+    /// belongs to its request).
     fn encode_together(
         &self,
         requests: &[&GenerateRequest],
@@ -138,6 +138,9 @@ impl Engine {
                 .text_encoder
                 .as_ref()
                 .is_some_and(|e| e.input_ids.fixed_dim(0).is_some());
+        if fixed || requests.len() < 2 {
+            return out;
+        }
         let chosen: Vec<(usize, bool)> = requests
             .iter()
             .enumerate()
@@ -150,7 +153,7 @@ impl Engine {
                 plain.then_some((i, shape.guidance))
             })
             .collect();
-        if fixed || chosen.len() < 2 {
+        if chosen.len() < 2 {
             return out;
         }
         let texts: Vec<(PromptTexts<'_>, bool)> = chosen
