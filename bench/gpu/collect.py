@@ -337,6 +337,7 @@ def main():
         "zero_fill_probe": load(run_dir, "zero-fill-probe.json"),
         "onnxruntime_python_probe": probe,
         "onnxruntime_python_probe_residual_unet": probe_cn,
+        "kernel_trace": load(run_dir, "kernel-trace.json"),
         "targets": targets,
         "default_variant": default["variant"] if default else None,
     }

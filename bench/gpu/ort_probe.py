@@ -7,6 +7,7 @@ Then, for about three seconds, the UNet runs back to back (each run waited for, 
 loop does) while NVML's utilization counter is read every 20 ms: `busy_percent` is what that
 counter, the one behind nvidia-smi's GPU busy figure, reports for a GPU that does nothing but
 this UNet. It bounds the busy ratio any runner of this UNet can show."""
+import json
 import sys
 import threading
 import time
@@ -17,16 +18,8 @@ if "--torch-first" in sys.argv:
     import torch  # noqa: F401
 import onnxruntime as ort
 
-path = sys.argv[1]
-import json
-
-options = {"device_id": 0}
-for arg in sys.argv[2:]:
-    if arg.startswith("{"):
-        options.update(json.loads(arg))
-sess = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", options)])
-types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
-dims = {"batch_size": 2, "height": 128, "width": 128, "sequence_length": 77}
+TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+DIMS = {"batch_size": 2, "height": 128, "width": 128, "sequence_length": 77}
 
 
 def residual_size(name):
@@ -37,27 +30,40 @@ def residual_size(name):
     return 2 ** min(int(name.rsplit("_", 1)[1]) // 3, 2)
 
 
-io = sess.io_binding()
-for i in sess.get_inputs():
-    if "additional_residual" in i.name:
-        # A residual UNet without ControlNets reads zeros there, as the engine feeds it.
-        size = 128 // residual_size(i.name)
-        shape = [2, i.shape[1], size, size]
-        arr = np.zeros(shape, dtype=types[i.type])
+def bound_session(path, options):
+    """The model at `path` (the UNet, or a text encoder) on the CUDA execution provider with
+    `options`, and an IoBinding whose inputs (random, at batch 2, 128x128 latents, 77 tokens)
+    and outputs live on the GPU."""
+    sess = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", options)])
+    io = sess.io_binding()
+    for i in sess.get_inputs():
+        if "additional_residual" in i.name:
+            # A residual UNet without ControlNets reads zeros there, as the engine feeds it.
+            size = 128 // residual_size(i.name)
+            shape = [2, i.shape[1], size, size]
+            arr = np.zeros(shape, dtype=TYPES[i.type])
+            io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+            continue
+        shape = [d if isinstance(d, int) else DIMS.get(d, 1) for d in i.shape]
+        if TYPES[i.type] == np.int64:
+            # Token ids (a text encoder's input_ids): within CLIP's vocabulary.
+            arr = np.random.randint(0, 49408, size=shape).astype(np.int64)
+        else:
+            arr = np.random.randn(*shape) * (999 if i.name == "timestep" else 1)
+            arr = np.asarray(arr).astype(TYPES[i.type])
         io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
-        continue
-    shape = [d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]
-    arr = np.asarray(np.random.randn(*shape) * (999 if i.name == "timestep" else 1)).astype(types[i.type])
-    io.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
-io.bind_output(sess.get_outputs()[0].name, "cuda")
-for _ in range(3):
-    sess.run_with_iobinding(io)
-times = []
-for _ in range(10):
-    t = time.perf_counter()
-    sess.run_with_iobinding(io)
-    io.synchronize_outputs()
-    times.append((time.perf_counter() - t) * 1000)
+    for o in sess.get_outputs():
+        io.bind_output(o.name, "cuda")
+    return sess, io
+
+
+def options_from(args):
+    """Device 0 and the CUDA provider options given as JSON objects among `args`."""
+    options = {"device_id": 0}
+    for arg in args:
+        if arg.startswith("{"):
+            options.update(json.loads(arg))
+    return options
 
 
 def busy_while(work):
@@ -87,13 +93,35 @@ def busy_while(work):
     return sum(samples) / len(samples) if samples else None
 
 
-def loop():
-    end = time.perf_counter() + 3.0
-    while time.perf_counter() < end:
+def main():
+    options = options_from(sys.argv[2:])
+    sess, io = bound_session(sys.argv[1], options)
+    for _ in range(3):
+        sess.run_with_iobinding(io)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
         sess.run_with_iobinding(io)
         io.synchronize_outputs()
+        times.append((time.perf_counter() - t) * 1000)
+
+    def loop():
+        end = time.perf_counter() + 3.0
+        while time.perf_counter() < end:
+            sess.run_with_iobinding(io)
+            io.synchronize_outputs()
+
+    busy = busy_while(loop)
+    maps = open("/proc/self/maps")
+    libs = sorted({l.split()[-1] for l in maps if "cudnn" in l or "cublas" in l})
+    print(json.dumps({
+        "options": options,
+        "torch_first": "--torch-first" in sys.argv,
+        "median_ms": sorted(times)[5],
+        "busy_percent": busy,
+        "libs": len(libs),
+    }))
 
 
-busy = busy_while(loop)
-libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "cudnn" in l or "cublas" in l})
-print(json.dumps({"options": options, "torch_first": "--torch-first" in sys.argv, "median_ms": sorted(times)[5], "busy_percent": busy, "libs": len(libs)}))
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,9 @@
 #   bench/gpu/run.sh batch          the same with four jobs per run (the dynamic batch) and with
 #                                   one request of four images (BATCH_B4=0 leaves that out)
 #   bench/gpu/run.sh round N        one job per run, then four, again (engine-*-rN.json)
+#   bench/gpu/run.sh trace          the fused UNet's kernel timeline (PyTorch's profiler)
+#                                   with and without CUDA graphs, and the text encoders,
+#                                   beside NVML's busy counter
 #   bench/gpu/run.sh svc NN         [carry .gpu-stage/svc.NN, .gpu-stage/svc.sha256] store one
 #                                   part of the services
 #   bench/gpu/run.sh worker         [carry .gpu-stage/wbin] start Postgres and RabbitMQ, run the
@@ -53,7 +56,7 @@
 #                                   GPU_TEST_DEVICE)
 # Results land in $OUT (or ./out) as JSON; bench/gpu/collect.py merges them into bench/results/.
 set -euo pipefail
-cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|round N|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
+cmd="${1:?usage: run.sh stage|torch-eager|optimize|part NN|optimize-rest|engine|batch|round N|trace|svc NN|worker|cn-torch|cn-prepare|wait NAME|cn-engine|gpu-tests|zero-probe}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 out="${OUT:-$root/out}"
@@ -105,13 +108,22 @@ python_env() {
   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 }
 
+# ONNX Runtime's Python package from the unpacked wheel in /tmp/ortpy, and the Python wheels.
+ort_python() {
+  unpack_ort
+  if [ ! -f /tmp/ortpy/.done ]; then
+    rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
+    python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
+      "$work/stage/ort.whl"
+    touch /tmp/ortpy/.done
+  fi
+  python_env
+}
+
 # Time a fused UNet in ONNX Runtime's Python API (bench/gpu/ort_probe.py) with default CUDA
 # options, then with CUDA graphs, reading NVML's busy counter meanwhile: ort_probe MODEL WHAT OUT.
 ort_probe() {
-  rm -rf /tmp/ortpy && mkdir -p /tmp/ortpy
-  python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/ortpy')" \
-    "$work/stage/ort.whl"
-  python_env
+  ort_python
   { PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$1"
     PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/ort_probe.py "$1" '{"enable_cuda_graph": "1"}'
   } | python3 -c "
@@ -251,6 +263,15 @@ case "$cmd" in
     BENCH_MODEL="$work/fused" BENCH_OUT="$out/engine-jobs4-r$n.json" BENCH_JOBS=4 BENCH_RUNS=2 \
       BENCH_VARIANTS="${BENCH_VARIANTS:-graph+tf32}" "$work/gpu_engine" --bench
     cp "$out/engine-b1-r$n.json" "$out/engine-jobs4-r$n.json" "$work/"
+    ;;
+  trace)
+    # The fused UNet's own GPU timeline under PyTorch's profiler, with and without ONNX
+    # Runtime's CUDA graphs (bench/gpu/kernel_trace.py): what limits the busy ratio.
+    ort_python
+    PYTHONPATH=/tmp/ortpy:/tmp/site python3 bench/gpu/kernel_trace.py \
+      "$out/kernel-trace.json" "${TRACE_RUNS:-20}" "$work/fused/unet/model.onnx" \
+      "$work/fused/text_encoder/model.onnx" "$work/fused/text_encoder_2/model.onnx"
+    cp "$out/kernel-trace.json" "$work/"
     ;;
   cn-torch)
     mkdir -p "$work/py" && cp .gpu-stage/py/*.whl "$work/py/"

@@ -30,6 +30,7 @@ import base64
 import json
 import math
 import os
+import re
 import statistics
 import struct
 import subprocess
@@ -62,6 +63,55 @@ def start_intervals(rows):
         runs = [t for i, t in enumerate(ordered) if i == 0 or t - ordered[i - 1] > 0.05]
         out[str(device)] = [round(b - a, 3) for a, b in zip(runs, runs[1:])]
     return out
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+def engine_runs(log_path, t0, t1):
+    """The worker's `engine run` debug lines between t0 and t1 (epoch seconds): per engine
+    run, when it ended (seconds after t0), its device and jobs, how long the engine thread sat
+    idle before it (from the previous run's end to this run's first job reaching the thread),
+    how long it gathered its batch, and how long the run took (model check, prompts, denoising,
+    decoding)."""
+    runs = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            line = ANSI.sub("", line)
+            if "engine run" not in line:
+                continue
+            try:
+                at = ts(line.split(None, 1)[0])
+            except ValueError:
+                continue
+            if not t0 <= at <= t1:
+                continue
+            fields = dict(FIELD.findall(line))
+
+            def number(key):
+                return float(fields[key]) if key in fields else None
+
+            runs.append({
+                "end_s": round(at - t0, 3),
+                "device": fields.get("device"),
+                "jobs": int(fields.get("jobs", "0")),
+                "idle_ms": number("idle_ms"),
+                "gather_ms": number("gather_ms"),
+                "run_ms": number("run_ms"),
+            })
+
+    def median(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "count": len(runs),
+        "median_idle_ms": median("idle_ms"),
+        "median_gather_ms": median("gather_ms"),
+        "median_run_ms": median("run_ms"),
+        "runs": runs,
+    }
 
 
 def edge_png(size):
@@ -308,7 +358,7 @@ def scenario_run(args, scenario, sampler):
         [args.bin, "--config", config, "worker"],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": "info"},
+        env={**os.environ, "RUST_LOG": "info,sdxl_worker::worker::engine_thread=debug"},
     )
     try:
         started = time.time()
@@ -393,6 +443,10 @@ def scenario_run(args, scenario, sampler):
             # Seconds between one run's start and the next on each device (a batch's jobs
             # start together): the worker's cycle, to set beside the engine's run time.
             "start_intervals_s": start_intervals(rows),
+            # The engine threads' own account of the window (their `engine run` lines): the
+            # idle gap between one run's end and the next run's first job, the batch gathering
+            # and the run itself.
+            "engine_runs": engine_runs(log.name, t0, finished),
             # Each job: started and finished (seconds after the first publish), batch size,
             # its first and median step and its device, to see where a run loses time.
             "timeline": sorted(

@@ -192,6 +192,10 @@ pub type ProgressFn<'a> = dyn FnMut(Progress) -> ControlFlow<()> + 'a;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageTimings {
     pub text_encoding: Duration,
+    /// The prompts were encoded in one run with those of other requests of the batch
+    /// ([`Engine::generate_batch`]): `text_encoding` is that shared run's time, the same in
+    /// each of them.
+    pub text_encoding_shared: bool,
     pub denoising: Duration,
     pub per_step: Vec<Duration>,
     /// Time inside ONNX Runtime's `Session::run` during denoising.

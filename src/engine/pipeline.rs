@@ -279,8 +279,10 @@ impl Engine {
             }
             None => 0,
         };
-        let mut timings = StageTimings::default();
-
+        let mut timings = StageTimings {
+            text_encoding_shared: encoded.is_some(),
+            ..StageTimings::default()
+        };
         let (conditioning, elapsed) = match encoded {
             Some(encoded) => encoded,
             None => {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ort::session::{Session, SessionInputValue};
+use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{TensorElementType, ValueType};
 
 use super::runtime::{self, SessionOptions};
@@ -230,18 +230,25 @@ impl Component {
         f(&mut session)
     }
 
-    /// Evaluate the graph and read the `wanted` outputs back as `f32`, in that order.
+    /// Evaluate the graph and read the `wanted` outputs back as `f32`, in that order. Only those
+    /// outputs leave the session: a text encoder that declares every layer's hidden state
+    /// copies two of them to the host, not all.
     pub fn run(
         &self,
         stage: &'static str,
         inputs: Vec<(&str, SessionInputValue<'_>)>,
         wanted: &[&str],
     ) -> Result<RunResult, EngineError> {
+        let inference = |source| EngineError::Inference { stage, source };
+        let selected = wanted
+            .iter()
+            .fold(OutputSelector::no_default(), |s, name| s.with(*name));
+        let options = RunOptions::new().map_err(inference)?.with_outputs(selected);
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let outputs = session
-            .run(inputs)
-            .map_err(|source| EngineError::Inference { stage, source })?;
+            .run_with_options(inputs, &options)
+            .map_err(inference)?;
         let session_time = started.elapsed();
         let mut out = Vec::with_capacity(wanted.len());
         for name in wanted {
@@ -251,9 +258,7 @@ impl Component {
                     stage,
                     message: format!("no output `{name}`"),
                 })?;
-            out.push(
-                tensor::to_f32(value).map_err(|source| EngineError::Inference { stage, source })?,
-            );
+            out.push(tensor::to_f32(value).map_err(inference)?);
         }
         Ok(RunResult {
             outputs: out,

@@ -262,6 +262,9 @@ fn engine_loop(
     let mut controlnets: Option<LoadedControlNets> = None;
     // Commands taken off the channel while a batch formed, in arrival order.
     let mut backlog: VecDeque<Command> = VecDeque::new();
+    // When the last run ended: the time from there to the next run's start is the engine's
+    // idle gap, which the `engine run` debug line reports.
+    let mut last_end: Option<Instant> = None;
     loop {
         let command = match backlog.pop_front() {
             Some(command) => command,
@@ -289,6 +292,7 @@ fn engine_loop(
             let _ = reply.send(Err(EngineFailure::Cancelled));
             continue;
         }
+        let arrived = Instant::now();
         let mut batch = vec![(job, reply)];
         if let Some(key) = BatchKey::of(&batch[0].0).filter(|_| batching.max > 1) {
             engine_batch::gather(&receiver, &mut backlog, &mut batch, &key, &batching);
@@ -302,6 +306,7 @@ fn engine_loop(
             batch = live;
         }
         let gpu = gpu_work(&options);
+        let (began, jobs) = (Instant::now(), batch.len());
         let results = if batch.len() > 1 {
             engine_batch::run_batch(&options, &mut cache, &mut controlnets, batch)
         } else if let Some((job, reply)) = batch.pop() {
@@ -317,6 +322,16 @@ fn engine_loop(
             continue;
         };
         drop(gpu);
+        let ended = Instant::now();
+        tracing::debug!(
+            device = %options.device,
+            jobs,
+            idle_ms = last_end.map(|end| ms(arrived.saturating_duration_since(end))),
+            gather_ms = ms(began - arrived),
+            run_ms = ms(ended - began),
+            "engine run"
+        );
+        last_end = Some(ended);
         // Published before the replies, so that a job's status report names the models
         // loaded for it.
         *loaded.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -498,6 +513,10 @@ pub(super) fn ensure_model(
         controlnets.take_if(|loaded| loaded.belong_to(model));
     }
     Ok(model_load)
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
