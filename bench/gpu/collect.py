@@ -26,6 +26,7 @@ def main():
     rest = load(run_dir, "optimize-rest.json")
     b4 = load(run_dir, "engine-b4.json")
     jobs4 = load(run_dir, "engine-jobs4.json")
+    jobs4_vae16 = load(run_dir, "engine-jobs4-vae16.json")
     # The ControlNet sequence's residual UNet without a ControlNet, one job and four per run.
     cn_off_b1 = load(run_dir, "engine-controlnet-off.json")
     cn_off_jobs4 = load(run_dir, "engine-controlnet-off-jobs4.json")
@@ -64,8 +65,10 @@ def main():
     elif host:
         plain_ort = host["unet_step_session_run_ms"]
     targets = {}
-    if best and eager and compiled:
-        step_eager = eager["unet_step_b2"]["median_ms"]
+    if best and compiled:
+        # diffusers eager may be missing from a run (torch-eager not run): its comparisons then
+        # read None.
+        step_eager = eager["unet_step_b2"]["median_ms"] if eager else None
         step_compiled = compiled["unet_step_b2"]["median_ms"]
         ours = best["unet_step_session_run_ms"]
         targets["unet_step_b2"] = {
@@ -92,18 +95,19 @@ def main():
         }
         # End to end: the fastest whole run among the engine's variants.
         fastest = min(engine, key=lambda r: r["run_s"])
-        e2e_eager = eager["pipeline_1"]["median_s"]
-        targets["engine_vs_diffusers_eager"] = {
-            "engine_variant": fastest["variant"],
-            "engine_s": fastest["run_s"],
-            "diffusers_eager_s": e2e_eager,
-            "speedup": e2e_eager / fastest["run_s"],
-            "met": e2e_eager / fastest["run_s"] >= 2.3,
-        }
+        e2e_eager = eager["pipeline_1"]["median_s"] if eager else None
+        if e2e_eager:
+            targets["engine_vs_diffusers_eager"] = {
+                "engine_variant": fastest["variant"],
+                "engine_s": fastest["run_s"],
+                "diffusers_eager_s": e2e_eager,
+                "speedup": e2e_eager / fastest["run_s"],
+                "met": e2e_eager / fastest["run_s"] >= 2.3,
+            }
         # With an fp16-safe VAE on both sides (the engine's float16 VAE decoder against
         # diffusers decoding in float16, force_upcast off).
         engine16 = ok(b1_vae16)
-        if engine16 and eager.get("pipeline_1_vae_fp16"):
+        if engine16 and eager and eager.get("pipeline_1_vae_fp16"):
             fastest16 = min(engine16, key=lambda r: r["run_s"])
             e2e16 = eager["pipeline_1_vae_fp16"]["median_s"]
             targets["engine_vs_diffusers_eager_vae_fp16"] = {
@@ -125,7 +129,11 @@ def main():
     # The dynamic batch: four jobs through Engine::generate_batch (engine-jobs4.json), else
     # one request of four images (engine-b4.json), against one image per run; on the residual
     # UNet (the ControlNet sequence), four jobs without ControlNets against one.
-    pairs = [("plain", ok(jobs4) or ok(b4), engine), ("residual", ok(cn_off_jobs4), ok(cn_off_b1))]
+    pairs = [
+        ("plain", ok(jobs4) or ok(b4), engine),
+        ("plain, float16 VAE", ok(jobs4_vae16), ok(b1_vae16)),
+        ("residual", ok(cn_off_jobs4), ok(cn_off_b1)),
+    ]
     # Repeated rounds on the same host (engine-b1-r2.json with engine-jobs4-r2.json, ...), each
     # round's single jobs and batches timed back to back.
     for n in sorted(rounds):
@@ -167,7 +175,7 @@ def main():
         vae16 = "vae16" in model
         residual = "fused-cn" in model
         singles = ok(b1_vae16) if vae16 else ok(cn_off_b1) if residual else engine
-        batched = ok(cn_off_jobs4) if residual else ok(jobs4)
+        batched = ok(jobs4_vae16) if vae16 else ok(cn_off_jobs4) if residual else ok(jobs4)
         per_batch = {}
         for r in (run or {}).get("results", []):
             if "error" in r:
@@ -181,7 +189,7 @@ def main():
                 pass  # compared with the same worker on one GPU (gpus_scaling)
             elif max_batch == 1:
                 alone = next((s for s in singles if s["variant"] == variant), None)
-            elif max_batch == 4 and not vae16:
+            elif max_batch == 4:
                 alone = next((s for s in batched if s["variant"] == variant), None)
             entry = {
                 "file": name,
@@ -326,6 +334,7 @@ def main():
         "optimize_rest": rest,
         "engine_b4": b4,
         "engine_jobs4": jobs4,
+        "engine_jobs4_vae16": jobs4_vae16,
         "engine_rounds": rounds or None,
         "worker_e2e": workers,
         "engine_b1_tf32_off": tf32_off,
