@@ -381,7 +381,11 @@ impl Engine {
         guidance: bool,
     ) -> Result<Conditioning, EngineError> {
         let texts = PromptTexts::of(request);
-        if request.controls.prompt_weighting {
+        // Texts without weighting syntax that fit one chunk read the same either way; the
+        // plain encoding takes one session run per encoder for all of them.
+        if request.controls.prompt_weighting
+            && !super::prompt_weighting::reads_as_plain(&self.model, &texts, guidance)
+        {
             super::prompt_weighting::encode_prompts(&self.model, &texts, guidance)
         } else {
             text::encode_prompts(&self.model, &texts, guidance)
