@@ -127,8 +127,7 @@ def trace(sess, io, runs):
         for i in range(runs):
             t = time.perf_counter()
             with record_function(f"run{i}"):
-                sess.run_with_iobinding(io)
-                io.synchronize_outputs()
+                ort_probe.run_once(sess, io)
             walls.append((time.perf_counter() - t) * 1000)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
@@ -140,23 +139,8 @@ def trace(sess, io, runs):
 
 def setting(path, options, runs):
     sess, io = ort_probe.bound_session(path, options)
-    for _ in range(5):
-        sess.run_with_iobinding(io)
-        io.synchronize_outputs()
-    walls = []
-    for _ in range(10):
-        t = time.perf_counter()
-        sess.run_with_iobinding(io)
-        io.synchronize_outputs()
-        walls.append((time.perf_counter() - t) * 1000)
-
-    def loop():
-        end = time.perf_counter() + 3.0
-        while time.perf_counter() < end:
-            sess.run_with_iobinding(io)
-            io.synchronize_outputs()
-
-    nvml = ort_probe.busy_while(loop)
+    walls = ort_probe.run_times(sess, io, 5, 10)
+    nvml = ort_probe.busy_back_to_back(sess, io)
     result = trace(sess, io, runs)
     result["untraced_run_ms"] = statistics.median(walls)
     result["nvml_busy_percent"] = nvml

@@ -6,7 +6,10 @@ its bundled cuDNN and cuBLAS are the ones loaded.
 Then, for about three seconds, the UNet runs back to back (each run waited for, as a denoising
 loop does) while NVML's utilization counter is read every 20 ms: `busy_percent` is what that
 counter, the one behind nvidia-smi's GPU busy figure, reports for a GPU that does nothing but
-this UNet. It bounds the busy ratio any runner of this UNet can show."""
+this UNet. The counter misses the microsecond gaps between kernels and moves by a few points
+from one reading to the next; bench/gpu/kernel_trace.py reads the GPU's own kernel timeline.
+
+The functions here also set up and time the sessions kernel_trace.py traces."""
 import json
 import sys
 import threading
@@ -93,25 +96,40 @@ def busy_while(work):
     return sum(samples) / len(samples) if samples else None
 
 
+def run_once(sess, io):
+    """One run, waited for as a denoising loop waits for it."""
+    sess.run_with_iobinding(io)
+    io.synchronize_outputs()
+
+
+def run_times(sess, io, warm_up, runs):
+    """Milliseconds of each of `runs` runs, after `warm_up` untimed ones."""
+    for _ in range(warm_up):
+        run_once(sess, io)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run_once(sess, io)
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def busy_back_to_back(sess, io, seconds=3.0):
+    """NVML's busy reading while the session runs back to back for `seconds`."""
+
+    def loop():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            run_once(sess, io)
+
+    return busy_while(loop)
+
+
 def main():
     options = options_from(sys.argv[2:])
     sess, io = bound_session(sys.argv[1], options)
-    for _ in range(3):
-        sess.run_with_iobinding(io)
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        sess.run_with_iobinding(io)
-        io.synchronize_outputs()
-        times.append((time.perf_counter() - t) * 1000)
-
-    def loop():
-        end = time.perf_counter() + 3.0
-        while time.perf_counter() < end:
-            sess.run_with_iobinding(io)
-            io.synchronize_outputs()
-
-    busy = busy_while(loop)
+    times = run_times(sess, io, 3, 10)
+    busy = busy_back_to_back(sess, io)
     maps = open("/proc/self/maps")
     libs = sorted({l.split()[-1] for l in maps if "cudnn" in l or "cublas" in l})
     print(json.dumps({
