@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use super::controlnet::ControlRun;
 use super::device_step::DeviceStep;
 use super::pipeline::{fill_block, update_block, Prepared, RunShape};
-use super::prompt_weighting;
 use super::refiner::AestheticScores;
 use super::text::{self, Conditioning, PromptTexts};
 use super::unet::UnetRunner;
@@ -148,9 +147,8 @@ impl Engine {
             .filter_map(|(i, r)| {
                 let shape = self.validate(r).ok()?;
                 self.scheduler_for(r).ok()?;
-                let plain = !r.controls.prompt_weighting
-                    || prompt_weighting::reads_as_plain(model, &PromptTexts::of(r), shape.guidance);
-                plain.then_some((i, shape.guidance))
+                self.encodes_plain(r, shape.guidance)
+                    .then_some((i, shape.guidance))
             })
             .collect();
         if chosen.len() < 2 {

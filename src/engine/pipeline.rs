@@ -381,15 +381,23 @@ impl Engine {
         guidance: bool,
     ) -> Result<Conditioning, EngineError> {
         let texts = PromptTexts::of(request);
-        // Texts without weighting syntax that fit one chunk read the same either way; the
-        // plain encoding takes one session run per encoder for all of them.
-        if request.controls.prompt_weighting
-            && !super::prompt_weighting::reads_as_plain(&self.model, &texts, guidance)
-        {
-            super::prompt_weighting::encode_prompts(&self.model, &texts, guidance)
-        } else {
+        if self.encodes_plain(request, guidance) {
             text::encode_prompts(&self.model, &texts, guidance)
+        } else {
+            super::prompt_weighting::encode_prompts(&self.model, &texts, guidance)
         }
+    }
+
+    /// Whether the request's prompts take the plain encoding: no prompt weighting, or texts
+    /// that weighting leaves as they are (no weighting syntax, one chunk each), which read the
+    /// same either way and need one session run per encoder.
+    pub(super) fn encodes_plain(&self, request: &GenerateRequest, guidance: bool) -> bool {
+        !request.controls.prompt_weighting
+            || super::prompt_weighting::reads_as_plain(
+                &self.model,
+                &PromptTexts::of(request),
+                guidance,
+            )
     }
 
     pub(super) fn decode_all(
